@@ -1,0 +1,5 @@
+"""Allow ``python -m dni``."""
+
+from dni.cli import main
+
+main()

@@ -1,0 +1,265 @@
+"""The ``dni`` command line: thin wrappers that parse options and call plain functions.
+
+Printing, exit codes and ``typer.Exit`` live here only; library code raises
+:class:`~dni.errors.DniError` with a message meant for the user, which is printed as one
+line (exit code 1) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dni.errors import DniError, SpecError
+
+app = typer.Typer(
+    name="dni",
+    help="Deep Noise Injection: train recurrent networks against noisy analog computation and evaluate them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+StoreOpt = Annotated[Path, typer.Option("--store", help="Checkpoint store directory.", envvar="DNI_STORE")]
+DataDirOpt = Annotated[
+    Optional[Path], typer.Option("--data-dir", help="Data directory (default: $DNI_DATA_DIR, else the user cache).")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (cuda when available).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch intra-op threads (default: torch's).")]
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn dni's errors into one clear line and a non-zero exit code."""
+    try:
+        yield
+    except DniError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; finished work is in the store, rerun to continue")
+        raise typer.Exit(130) from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SpecError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError("--device cuda requested but CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise SpecError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def _setup(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _reporter():
+    from dni.progress import ConsoleReporter
+
+    return ConsoleReporter(sys.stderr)
+
+
+@app.command("train")
+def train_cli(
+    arch: Annotated[str, typer.Option(help="Architecture: lstm or rnn.")] = "lstm",
+    data: Annotated[str, typer.Option(help="Data set: rows (28x28 images) or strokes (pen strokes).")] = "rows",
+    sigma_train: Annotated[float, typer.Option("--sigma-train", help="Std of the training noise (Eq. 2).")] = 0.0,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Mini-batch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    lr_decay: Annotated[float, typer.Option("--lr-decay", help="Learning-rate factor per epoch.")] = 0.9,
+    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Max gradient norm.")] = 1.0,
+    val_size: Annotated[int, typer.Option("--val-size", help="Training digits held out for model selection.")] = 5000,
+    stroke_repr: Annotated[str, typer.Option("--stroke-repr", help="Strokes input: absolute or offsets.")] = "absolute",
+    hidden_size: Annotated[int, typer.Option("--hidden-size", help="State size H.")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and training noise.")] = 0,
+    limit_train: Annotated[Optional[int], typer.Option("--limit-train", help="Use only the first N training digits.")] = None,
+    store: StoreOpt = Path("store"),
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Retrain even if the model is already in the store.")] = False,
+):
+    """Train one noise-injected model and save it in the checkpoint store."""
+    from dni.spec import TrainSpec
+    from dni.store import Store
+    from dni.train import train
+
+    with user_errors():
+        _setup(threads)
+        spec = TrainSpec(
+            arch=arch, data=data, sigma_train=sigma_train, stroke_repr=stroke_repr, hidden_size=hidden_size,
+            epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, grad_clip=grad_clip,
+            val_size=val_size, limit_train=limit_train, seed=seed,
+        )
+        st = Store(store)
+        model_id = spec.model_id
+        if st.has_model(model_id) and not force:
+            meta = st.read_meta(model_id)
+            out.print(f"{model_id} is already trained (clean test accuracy {meta.get('test_accuracy_clean', float('nan')):.4f}); use --force to retrain")
+            return
+        with st.lock(model_id):
+            if st.has_model(model_id) and not force:
+                out.print(f"{model_id} was trained meanwhile by another process")
+                return
+            result = train(spec, data_dir, resolve_device(device), _reporter())
+            st.save_model(spec, result.model, result.meta, overwrite=force)
+        out.print(
+            f"trained {model_id}: best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.4f}, "
+            f"clean test accuracy {result.test_accuracy:.4f} ({result.wall_time:.0f}s); saved in {st.model_dir(model_id)}"
+        )
+
+
+@app.command("evaluate")
+def evaluate_cli(
+    store: StoreOpt = Path("store"),
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="Model id or unique prefix (repeatable; default: all).")] = None,
+    sigma_val: Annotated[str, typer.Option("--sigma-val", help="Inference noise grid: 0,0.5,1 or 0:1:0.1.")] = "0:1:0.1",
+    repeats: Annotated[int, typer.Option(help="Independent noisy passes per sigma_val.")] = 40,
+    limit_test: Annotated[Optional[int], typer.Option("--limit-test", help="Use only the first N test digits.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the inference noise.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Test digits per batch (fixes the noise layout).")] = 1000,
+    out_csv: Annotated[Optional[Path], typer.Option("--out", help="Write the tidy results (one row per repeat) here.")] = None,
+    summary_csv: Annotated[Optional[Path], typer.Option("--summary", help="Write the summary (mean, std, 95% CI) here; default: <out>-summary.csv.")] = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+):
+    """Evaluate stored models under inference noise: `repeats` noisy passes per sigma_val."""
+    from dni.evaluate import evaluate, summarize
+    from dni.spec import EvalSpec, parse_grid
+    from dni.store import Store, write_csv
+
+    with user_errors():
+        _setup(threads)
+        ev = EvalSpec(sigma_val=parse_grid(sigma_val, "--sigma-val"), repeats=repeats, limit_test=limit_test, batch_size=batch_size, seed=seed)
+        st = Store(store)
+        ids = [st.resolve(m) for m in model] if model else st.model_ids()
+        if not ids:
+            raise DniError(f"no trained models in store {st.root}; run `dni train` first")
+        results = evaluate(st, list(dict.fromkeys(ids)), ev, data_dir, resolve_device(device), _reporter())
+        summary = summarize(results)
+        if out_csv is not None:
+            write_csv(out_csv, results)
+            summary_csv = summary_csv or out_csv.with_name(out_csv.stem + "-summary.csv")
+        if summary_csv is not None:
+            write_csv(summary_csv, summary)
+        _print_summary(summary)
+        if out_csv is not None:
+            out.print(f"wrote {len(results)} rows to {out_csv} and the summary to {summary_csv}")
+
+
+def _print_summary(summary) -> None:
+    table = Table(title="accuracy under inference noise (mean over repeats, 95% CI)")
+    for col in ("model", "σ_train", "σ_val", "n", "mean", "95% CI"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for row in summary.itertuples():
+        ci = "-" if np.isnan(row.ci_low) else f"[{row.ci_low:.4f}, {row.ci_high:.4f}]"
+        table.add_row(row.model_id, f"{row.sigma_train:g}", f"{row.sigma_val:g}", str(row.n), f"{row.mean:.4f}", ci)
+    out.print(table)
+
+
+@app.command("describe")
+def describe_cli(
+    arch: Annotated[str, typer.Option(help="Architecture: lstm or rnn.")] = "lstm",
+    data: Annotated[str, typer.Option(help="Data set: rows or strokes.")] = "rows",
+    hidden_size: Annotated[int, typer.Option("--hidden-size", help="State size H.")] = 128,
+):
+    """Print an architecture as in the paper's Tables I-III."""
+    from dni.data import input_shape
+    from dni.models import build_model, count_parameters
+    from dni.spec import TrainSpec
+
+    with user_errors():
+        spec = TrainSpec(arch=arch, data=data, hidden_size=hidden_size)
+        steps, inputs = input_shape(spec.data)
+        model = build_model(spec.arch, inputs, spec.hidden_size)
+        cells = "LSTM cells" if arch == "lstm" else "RNN cells"
+        table = Table(title=f"A {steps}-step {'LSTM' if arch == 'lstm' else 'vanilla RNN'} architecture for MNIST ({data})")
+        table.add_column("")
+        table.add_column("", justify="right")
+        table.add_row(f"No. {cells}", str(steps))
+        table.add_row("Input shape", f"({inputs},1)")
+        if arch == "lstm":
+            table.add_row("LSTM internal state size", str(hidden_size))
+            table.add_row("LSTM output state size", str(hidden_size))
+        else:
+            table.add_row("No. neurons in one RNN cell (RNN state size)", str(hidden_size))
+        table.add_row("Noisy matrix-vector products per step", f"{model.gates} (+1 output layer)")
+        table.add_row("Total No. trainable parameters", str(count_parameters(model)))
+        out.print(table)
+
+
+@app.command("export")
+def export_cli(
+    model: Annotated[str, typer.Argument(help="Model id or unique prefix.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Output .npz file.")] = Path("weights.npz"),
+    store: StoreOpt = Path("store"),
+):
+    """Export a model's weights as plain arrays (.npz; layout in the README)."""
+    from dni.store import Store, atomic_write
+
+    with user_errors():
+        st = Store(store)
+        stored = st.load_model(st.resolve(model))
+        m = stored.model
+        w = m.weight.detach().cpu().numpy()
+        arrays = {
+            "weight_x": w[:, : m.input_size],
+            "weight_h": w[:, m.input_size :],
+            "bias": m.bias.detach().cpu().numpy(),
+            "fc_weight": m.fc.weight.detach().cpu().numpy(),
+            "fc_bias": m.fc.bias.detach().cpu().numpy(),
+            "gate_order": np.array(["i", "f", "g", "o"] if stored.spec.arch == "lstm" else ["h"]),
+            "spec_json": np.array(json.dumps(stored.spec.to_dict(), sort_keys=True)),
+        }
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        try:
+            atomic_write(out_path, buf.getvalue())
+        except OSError as exc:
+            raise DniError(f"cannot write {out_path}: {exc.strerror or exc}") from None
+        out.print(f"exported {stored.model_id} to {out_path}")
+
+
+@app.command("list")
+def list_cli(store: StoreOpt = Path("store")):
+    """List the models in the store with their clean test accuracy."""
+    from dni.store import Store
+
+    with user_errors():
+        st = Store(store)
+        table = Table(title=f"models in {st.root}")
+        for col in ("model", "arch", "data", "σ_train", "seed", "epochs", "clean test acc", "train time"):
+            table.add_column(col)
+        for mid in st.model_ids():
+            spec, meta = st.read_spec(mid), st.read_meta(mid)
+            table.add_row(mid, spec.arch, spec.data, f"{spec.sigma_train:g}", str(spec.seed), str(spec.epochs),
+                          f"{meta.get('test_accuracy_clean', float('nan')):.4f}", f"{meta.get('wall_time_s', 0):.0f}s")
+        out.print(table)
+
+
+def main() -> None:
+    """Console entry point."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

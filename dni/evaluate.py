@@ -1,0 +1,163 @@
+"""Evaluation under inference noise: repeated noisy passes over the test set.
+
+A *cell* is one (model, sigma_val, repeat): one full noisy pass over the test digits,
+whose noise comes from its own generator seeded by (eval seed, model id, sigma_val,
+repeat). Cells are therefore independent of each other and of the order they are computed
+in, so stored cells are reused and a partial evaluation resumes to identical numbers.
+
+The input projection ``W_x·x_t + b`` does not depend on the noise; it is computed once per
+test batch and shared by every cell of that batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from dni.data import Dataset, load_dataset
+from dni.errors import StoreError
+from dni.models import NoisyRecurrent
+from dni.noise import make_noise
+from dni.progress import Reporter, SilentReporter
+from dni.seeding import derive_seed, make_generator
+from dni.spec import EvalSpec, TrainSpec
+from dni.store import Store
+
+#: Columns of the tidy results CSV, one row per (model, sigma_val, repeat).
+RESULT_COLUMNS = [
+    "model_id", "arch", "data", "noise_train", "sigma_train", "seed",
+    "noise_val", "sigma_val", "repeat", "eval_seed", "n_test", "correct", "accuracy",
+]
+CELL_KEYS = ["sigma_val", "repeat"]
+#: Columns that identify one curve point of the summary.
+POINT_KEYS = ["model_id", "arch", "data", "noise_train", "sigma_train", "seed", "noise_val", "sigma_val"]
+
+
+def cell_seed(eval_seed: int, model_id: str, sigma_val: float, repeat: int) -> int:
+    """Seed of one cell's noise generator."""
+    return derive_seed(eval_seed, "eval", model_id, float(sigma_val), int(repeat))
+
+
+@torch.no_grad()
+def run_cells(
+    model: NoisyRecurrent,
+    model_id: str,
+    test: Dataset,
+    cells: Sequence[tuple[float, int]],
+    spec: EvalSpec,
+    device: torch.device,
+    on_batch=None,
+) -> list[int]:
+    """Number of correctly classified test digits for each (sigma_val, repeat) cell."""
+    model.eval()
+    noises = [make_noise(spec.noise, s) for s, _ in cells]
+    gens = [make_generator(cell_seed(spec.seed, model_id, s, r), device) for s, r in cells]
+    correct = torch.zeros(len(cells), dtype=torch.int64, device=device)
+    for start in range(0, len(test), spec.batch_size):
+        x = test.x[start : start + spec.batch_size].to(device)
+        y = test.y[start : start + spec.batch_size].to(device)
+        xp = model.project(x)  # shared by every cell: no noise enters W_x·x + b
+        for k, (noise, gen) in enumerate(zip(noises, gens)):
+            correct[k] += (model.recur(xp, noise, gen).argmax(1) == y).sum()
+        if on_batch is not None:
+            on_batch(len(cells) * len(y) / len(test))
+    return correct.tolist()
+
+
+def _rows(spec: TrainSpec, model_id: str, cells, correct, ev: EvalSpec, n_test: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "model_id": model_id, "arch": spec.arch, "data": spec.data, "noise_train": spec.noise,
+                "sigma_train": spec.sigma_train, "seed": spec.seed, "noise_val": ev.noise, "sigma_val": s,
+                "repeat": r, "eval_seed": ev.seed, "n_test": n_test, "correct": c, "accuracy": c / n_test,
+            }
+            for (s, r), c in zip(cells, correct)
+        ],
+        columns=RESULT_COLUMNS,
+    )
+
+
+def missing_cells(store: Store, model_id: str, ev: EvalSpec) -> list[tuple[float, int]]:
+    """Cells of ``ev`` not yet in the store for ``model_id``."""
+    done = store.read_cells(model_id, ev.protocol_id, RESULT_COLUMNS)
+    have = set(zip(done["sigma_val"].astype(float), done["repeat"].astype(int)))
+    return [(s, r) for s in ev.sigma_val for r in range(ev.repeats) if (s, r) not in have]
+
+
+def evaluate(
+    store: Store,
+    model_ids: Sequence[str],
+    ev: EvalSpec,
+    data_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    reporter: Reporter | None = None,
+) -> pd.DataFrame:
+    """Evaluate models under inference noise and return the tidy results of ``ev``'s cells.
+
+    Cells already in the store are reused; new cells are saved after each sigma_val, so an
+    interrupted evaluation loses at most one sigma_val's repeats of one model.
+    """
+    reporter = reporter or SilentReporter()
+    device = torch.device(device)
+    todo = {m: missing_cells(store, m, ev) for m in model_ids}
+    total = sum(len(c) for c in todo.values())
+    datasets: dict[tuple, Dataset] = {}
+    if total:
+        reporter.log(f"evaluating {total} cell(s) of {len(model_ids)} model(s); {len(model_ids) * len(ev.sigma_val) * ev.repeats - total} already stored")
+    with reporter.task("evaluate", total) as task:
+        for model_id, cells in todo.items():
+            if not cells:
+                continue
+            stored = store.load_model(model_id, device)
+            key = (stored.spec.data, stored.spec.stroke_repr, ev.limit_test)
+            if key not in datasets:
+                datasets[key] = load_dataset(stored.spec.data, "test", data_dir, stroke_repr=stored.spec.stroke_repr, limit=ev.limit_test)
+            test = datasets[key]
+            for sigma in dict.fromkeys(s for s, _ in cells):
+                group = [c for c in cells if c[0] == sigma]
+                correct = run_cells(stored.model, model_id, test, group, ev, device)
+                store.add_cells(model_id, ev.protocol_id, _rows(stored.spec, model_id, group, correct, ev, len(test)), CELL_KEYS)
+                task.advance(len(group), model=model_id[:24], sigma_val=sigma)
+    return collect(store, model_ids, ev)
+
+
+def collect(store: Store, model_ids: Sequence[str], ev: EvalSpec) -> pd.DataFrame:
+    """The stored results of ``ev``'s cells for ``model_ids`` (tidy, sorted)."""
+    frames = []
+    for m in model_ids:
+        df = store.read_cells(m, ev.protocol_id, RESULT_COLUMNS)
+        wanted = df["sigma_val"].astype(float).isin(ev.sigma_val) & (df["repeat"].astype(int) < ev.repeats)
+        frames.append(df.loc[wanted, RESULT_COLUMNS])
+    if not frames:
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    out = pd.concat(frames, ignore_index=True)
+    missing = len(model_ids) * len(ev.sigma_val) * ev.repeats - len(out)
+    if missing:
+        raise StoreError(f"{missing} evaluation cell(s) are missing from the store")
+    return out.sort_values(["arch", "data", "sigma_train", "seed", "model_id", "sigma_val", "repeat"], kind="stable").reset_index(drop=True)
+
+
+def summarize(results: pd.DataFrame, by: Sequence[str] = POINT_KEYS, confidence: float = 0.95) -> pd.DataFrame:
+    """Mean, standard deviation and Student-t confidence interval of accuracy per point.
+
+    Args:
+        results: tidy results (one row per repeat).
+        by: columns identifying a point; the rows within a point are the repeats.
+        confidence: level of the interval (0.95 gives the columns ci_low / ci_high).
+    """
+    g = results.groupby(list(by), sort=True)["accuracy"]
+    out = g.agg(n="count", mean="mean", std="std").reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    sem = out["std"] / np.sqrt(out["n"])
+    tq = stats.t.ppf(0.5 + confidence / 2, np.maximum(out["n"] - 1, 1))
+    half = np.where(out["n"] > 1, tq * sem, np.nan)
+    out["sem"] = sem
+    out["ci_low"] = out["mean"] - half
+    out["ci_high"] = out["mean"] + half
+    return out

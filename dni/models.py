@@ -1,0 +1,163 @@
+"""Noisy recurrent classifiers: the paper's vanilla RNN and LSTM (Tables I-III).
+
+Each cell keeps one weight matrix ``W = [W_x | W_h]`` of shape (gates·H, I + H) and one
+bias per gate, so a gate's pre-activation is ``W·[x_t, h_{t-1}] + b`` — one matrix-vector
+product, one bias and, under Deep Noise Injection, one noise draw per element (Eq. 2).
+The classifier reads the last output state through a fully connected layer whose logits
+are noisy too. The LSTM cell-state update is element-wise and gets no noise.
+
+The input half of the product does not depend on the noise or on the recurrence, so it is
+computed for all time steps at once (:meth:`NoisyRecurrent.project`) and can be reused
+across many noisy passes (:meth:`NoisyRecurrent.recur`).
+
+Gate order of the LSTM weight rows is (input, forget, cell candidate, output), as in
+``torch.nn.LSTM``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from dni.errors import SpecError
+from dni.noise import NoiseModel
+
+#: Called after every time step with (t, h_t, c_t or None); used to record state statistics.
+StepObserver = Callable[[int, torch.Tensor, torch.Tensor | None], None]
+
+ARCHS = ("lstm", "rnn")
+HIDDEN_SIZE = 128
+NUM_CLASSES = 10
+
+
+class NoisyRecurrent(nn.Module):
+    """A single-layer recurrent classifier with noise after every matrix-vector product.
+
+    Args:
+        input_size: inputs per time step (28 for image rows, 2 for pen strokes).
+        hidden_size: state size H (128 in the paper).
+        num_classes: outputs of the final fully connected layer.
+    """
+
+    gates: ClassVar[int]
+    arch: ClassVar[str]
+
+    def __init__(self, input_size: int, hidden_size: int = HIDDEN_SIZE, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_classes = num_classes
+        self.weight = nn.Parameter(torch.empty(self.gates * hidden_size, input_size + hidden_size))
+        self.bias = nn.Parameter(torch.empty(self.gates * hidden_size))
+        self.fc = nn.Linear(hidden_size, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyTorch's recurrent initialisation: U(-1/sqrt(H), 1/sqrt(H)) for W and b."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+        self.fc.reset_parameters()
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Noise-independent part of every pre-activation: ``W_x·x_t + b`` for all t.
+
+        Args:
+            x: inputs, shape (batch, steps, input_size).
+
+        Returns:
+            Tensor of shape (steps, batch, gates·H).
+        """
+        if x.dim() != 3 or x.shape[2] != self.input_size:
+            raise SpecError(
+                f"expected input of shape (batch, steps, {self.input_size}), got {tuple(x.shape)}"
+            )
+        batch, steps, _ = x.shape
+        w_x = self.weight[:, : self.input_size]
+        xt = x.transpose(0, 1).reshape(steps * batch, self.input_size)
+        return torch.addmm(self.bias, xt, w_x.t()).view(steps, batch, -1)
+
+    def recur(
+        self,
+        xp: torch.Tensor,
+        noise: NoiseModel,
+        generator: torch.Generator | None = None,
+        observer: StepObserver | None = None,
+    ) -> torch.Tensor:
+        """Run the noisy recurrence over projected inputs and return noisy logits.
+
+        Args:
+            xp: output of :meth:`project`, shape (steps, batch, gates·H). Not modified.
+            noise: noise model applied after each matrix-vector product.
+            generator: source of the noise draws (``None``: torch's global generator).
+            observer: optional callback receiving each step's states.
+        """
+        w_h = self.weight[:, self.input_size :]
+        batch = xp.shape[1]
+        h = xp.new_zeros(batch, self.hidden_size)
+        c = xp.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
+        for t, xp_t in enumerate(xp.unbind(0)):
+            # Eq. (2): g(W·[x_t, h_{t-1}] + b + z), one draw per pre-activation element.
+            pre = noise(torch.addmm(xp_t, h, w_h.t()), generator)
+            h, c = self.step(pre, c)
+            if observer is not None:
+                observer(t, h, c)
+        return noise(self.fc(h), generator)
+
+    def step(self, pre: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Element-wise part of one cell: pre-activations -> (h_t, c_t)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        noise: NoiseModel,
+        generator: torch.Generator | None = None,
+        observer: StepObserver | None = None,
+    ) -> torch.Tensor:
+        """Noisy logits for inputs of shape (batch, steps, input_size)."""
+        return self.recur(self.project(x), noise, generator, observer)
+
+
+class NoisyRNN(NoisyRecurrent):
+    """Vanilla RNN: h_t = tanh(W·[x_t, h_{t-1}] + b + z) (Table III)."""
+
+    gates = 1
+    arch = "rnn"
+
+    def step(self, pre, c):
+        return torch.tanh(pre), None
+
+
+class NoisyLSTM(NoisyRecurrent):
+    """LSTM (Fig. 1, Tables I-II) with noise on all four gate pre-activations."""
+
+    gates = 4
+    arch = "lstm"
+
+    def step(self, pre, c):
+        i, f, g, o = pre.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c
+
+
+_MODELS: dict[str, type[NoisyRecurrent]] = {"lstm": NoisyLSTM, "rnn": NoisyRNN}
+
+
+def build_model(arch: str, input_size: int, hidden_size: int = HIDDEN_SIZE, num_classes: int = NUM_CLASSES) -> NoisyRecurrent:
+    """Create an untrained classifier of the given architecture."""
+    try:
+        cls = _MODELS[arch]
+    except KeyError:
+        raise SpecError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}") from None
+    return cls(input_size, hidden_size, num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (the tables' last row)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,90 @@
+"""Progress reporting: a rich progress bar on a terminal, plain periodic lines elsewhere.
+
+Library functions take a :class:`Reporter` (default: silent) and call
+``reporter.task(description, total)``; the CLI passes one that draws.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+
+class Task(Protocol):
+    def advance(self, n: int = 1, **fields: object) -> None: ...
+
+
+class Reporter(Protocol):
+    def task(self, description: str, total: int) -> Iterator[Task]: ...
+
+    def log(self, message: str) -> None: ...
+
+
+class _NullTask:
+    def advance(self, n: int = 1, **fields: object) -> None:
+        pass
+
+
+class SilentReporter:
+    """Reports nothing (the default for library calls and tests)."""
+
+    @contextmanager
+    def task(self, description: str, total: int) -> Iterator[Task]:
+        yield _NullTask()
+
+    def log(self, message: str) -> None:
+        pass
+
+
+def _fmt(fields: dict[str, object]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+
+
+class _PlainTask:
+    def __init__(self, description: str, total: int, every: float, stream):
+        self.description, self.total, self.every, self.stream = description, total, every, stream
+        self.done, self.start, self.last = 0, time.monotonic(), 0.0
+
+    def advance(self, n: int = 1, **fields: object) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            elapsed = now - self.start
+            eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+            print(f"[{self.description}] {self.done}/{self.total} elapsed {elapsed:.0f}s eta {eta:.0f}s {_fmt(fields)}".rstrip(),
+                  file=self.stream, flush=True)
+
+
+class ConsoleReporter:
+    """Rich progress bars when ``stream`` is a terminal, else a line every ``every`` seconds."""
+
+    def __init__(self, stream=None, every: float = 10.0):
+        self.stream = stream or sys.stderr
+        self.every = every
+        self.is_terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    @contextmanager
+    def task(self, description: str, total: int) -> Iterator[Task]:
+        if not self.is_terminal:
+            yield _PlainTask(description, total, self.every, self.stream)
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        with Progress(*columns, console=Console(file=self.stream), transient=False) as progress:
+            tid = progress.add_task(description, total=total, info="")
+
+            class _RichTask:
+                def advance(self, n: int = 1, **fields: object) -> None:
+                    progress.update(tid, advance=n, **({"info": _fmt(fields)} if fields else {}))
+
+            yield _RichTask()
+
+    def log(self, message: str) -> None:
+        print(message, file=self.stream, flush=True)

@@ -1,0 +1,182 @@
+"""Experiment specifications: every default of a training or evaluation run lives here.
+
+A spec is a frozen dataclass. Its canonical JSON form is stored next to every checkpoint
+and result, and the model id is derived from it, so the same spec always names the same
+model. Change a spec with :func:`dataclasses.replace`, never by mutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from dni.data import DATASETS, STROKE_REPRS
+from dni.errors import SpecError
+from dni.models import ARCHS
+from dni.noise import NOISE_KINDS, check_sigma
+
+SPEC_VERSION = 1
+_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+
+
+def canonical_float(value: float) -> float:
+    """Round to 10 decimals so that 0.1 + 0.2 and 0.3 name the same grid point."""
+    return float(round(Decimal(repr(float(value))), 10))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpecError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SpecError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if check_sigma(value, name) <= 0:
+        raise SpecError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything that determines a trained model (and hence its id).
+
+    The paper does not state its optimiser or schedule; these defaults are dni's recipe
+    (see README, "Training recipe").
+    """
+
+    arch: str = "lstm"
+    data: str = "rows"
+    sigma_train: float = 0.0
+    noise: str = "additive"
+    hidden_size: int = 128
+    stroke_repr: str = "absolute"
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_decay: float = 0.9  # multiplicative learning-rate decay per epoch
+    grad_clip: float = 1.0  # max global gradient norm
+    val_size: int = 5000  # held out from the 60,000 training digits for model selection
+    limit_train: int | None = None  # use only the first N training digits (smoke runs)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("architecture", self.arch, ARCHS)
+        _check_choice("data set", self.data, DATASETS)
+        _check_choice("noise model", self.noise, NOISE_KINDS)
+        _check_choice("stroke representation", self.stroke_repr, STROKE_REPRS)
+        object.__setattr__(self, "sigma_train", canonical_float(check_sigma(self.sigma_train, "sigma_train")))
+        for name, minimum in (("hidden_size", 1), ("epochs", 1), ("batch_size", 1), ("val_size", 0), ("seed", 0)):
+            _check_int(name, getattr(self, name), minimum)
+        if self.limit_train is not None:
+            _check_int("limit_train", self.limit_train, 2)
+            if self.val_size >= self.limit_train:
+                raise SpecError(f"val_size ({self.val_size}) must be smaller than limit_train ({self.limit_train})")
+        _check_positive("lr", self.lr)
+        _check_positive("grad_clip", self.grad_clip)
+        if not 0 < float(self.lr_decay) <= 1:
+            raise SpecError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
+        if self.data == "rows" and self.stroke_repr != "absolute":
+            object.__setattr__(self, "stroke_repr", "absolute")  # meaningless for images: keep ids unique
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise SpecError(f"unknown TrainSpec field(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    @property
+    def model_id(self) -> str:
+        """Readable, unique id derived from the full spec."""
+        digest = hashlib.sha256(canonical_json({"v": SPEC_VERSION, **self.to_dict()}).encode()).hexdigest()[:10]
+        return f"{self.arch}-{self.data}-st{self.sigma_train:g}-s{self.seed}-{digest}"
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How a model is evaluated under inference noise (one cell per (sigma_val, repeat))."""
+
+    sigma_val: tuple[float, ...] = tuple(i / 10 for i in range(11))
+    repeats: int = 40
+    noise: str = "additive"
+    limit_test: int | None = None  # first N test digits; None = all 10,000
+    batch_size: int = 1000  # part of the spec: it fixes how noise draws map to samples
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        grid = tuple(canonical_float(check_sigma(s, "sigma_val")) for s in self.sigma_val)
+        if not grid:
+            raise SpecError("sigma_val grid is empty")
+        object.__setattr__(self, "sigma_val", tuple(dict.fromkeys(grid)))
+        _check_int("repeats", self.repeats, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("seed", self.seed, 0)
+        _check_choice("noise model", self.noise, NOISE_KINDS)
+        if self.limit_test is not None:
+            _check_int("limit_test", self.limit_test, 1)
+
+    @property
+    def protocol(self) -> dict[str, Any]:
+        """The fields that fix the numbers of one cell (not which cells are wanted)."""
+        return {"noise": self.noise, "limit_test": self.limit_test, "batch_size": self.batch_size, "seed": self.seed}
+
+    @property
+    def protocol_id(self) -> str:
+        return hashlib.sha256(canonical_json(self.protocol).encode()).hexdigest()[:10]
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def check_id(model_id: str) -> str:
+    """Reject ids that could escape the store directory or are not dni ids."""
+    if not isinstance(model_id, str) or not _ID_RE.match(model_id):
+        raise SpecError(f"invalid model id {model_id!r}")
+    return model_id
+
+
+def parse_grid(text: str, name: str = "grid") -> tuple[float, ...]:
+    """Parse ``0,0.5,1`` or an inclusive range ``start:stop:step`` (no float drift).
+
+    Items may be mixed: ``0:0.5:0.1,0.8,1``.
+    """
+    values: list[Decimal] = []
+    try:
+        for item in str(text).split(","):
+            item = item.strip()
+            if not item:
+                raise SpecError(f"{name}: empty item in {text!r}")
+            if ":" in item:
+                parts = [Decimal(p) for p in item.split(":")]
+                if len(parts) != 3:
+                    raise SpecError(f"{name}: a range is start:stop:step, got {item!r}")
+                start, stop, step = parts
+                if not all(p.is_finite() for p in parts) or step <= 0 or stop < start:
+                    raise SpecError(f"{name}: need finite start <= stop and step > 0 in {item!r}")
+                count = int((stop - start) / step + Decimal("1e-9")) + 1
+                if count > 10_000:
+                    raise SpecError(f"{name}: range {item!r} has more than 10,000 points")
+                values.extend(start + k * step for k in range(count))
+            else:
+                values.append(Decimal(item))
+    except InvalidOperation:
+        raise SpecError(f"{name}: not a number list or start:stop:step range: {text!r}") from None
+    out = []
+    for v in values:
+        if not v.is_finite():
+            raise SpecError(f"{name}: values must be finite, got {text!r}")
+        out.append(canonical_float(float(v)))
+    return tuple(dict.fromkeys(out))

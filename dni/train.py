@@ -1,0 +1,190 @@
+"""Deep Noise Injection training: the network sees noise of strength sigma_train after every
+matrix-vector product in every forward pass of training (Section II, Eq. 2).
+
+Recipe (the paper states none; every choice is a :class:`~dni.spec.TrainSpec` field):
+Adam, learning rate 1e-3 decayed by 0.9 per epoch, batch 128, 20 epochs, gradient norm
+clipped at 1, cross-entropy on the noisy logits. The last 5,000 training digits are held
+out; the epoch with the best validation accuracy *under the training noise* is kept, since
+the model is meant to run on hardware of that noise level.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import dni
+from dni.data import Dataset, load_dataset
+from dni.errors import DivergenceError
+from dni.models import NoisyRecurrent, build_model
+from dni.noise import NoiseModel, make_noise
+from dni.progress import Reporter, SilentReporter
+from dni.spec import TrainSpec
+from dni.seeding import derive_seed, make_generator
+
+
+@dataclass
+class TrainResult:
+    """A trained model with its training curve and provenance."""
+
+    spec: TrainSpec
+    model: NoisyRecurrent
+    history: list[dict[str, Any]]
+    best_epoch: int
+    val_accuracy: float
+    test_accuracy: float
+    wall_time: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def accuracy(
+    model: NoisyRecurrent,
+    ds: Dataset,
+    noise: NoiseModel,
+    generator: torch.Generator | None,
+    batch_size: int = 1000,
+) -> float:
+    """Fraction of ``ds`` classified correctly in one (noisy) pass."""
+    model.eval()
+    correct = 0
+    device = next(model.parameters()).device
+    for start in range(0, len(ds), batch_size):
+        x = ds.x[start : start + batch_size].to(device)
+        y = ds.y[start : start + batch_size].to(device)
+        correct += int((model(x, noise, generator).argmax(1) == y).sum())
+    return correct / max(len(ds), 1)
+
+
+def split_train_val(ds: Dataset, val_size: int) -> tuple[Dataset, Dataset]:
+    """The last ``val_size`` digits are held out for model selection."""
+    n = len(ds) - val_size
+    return ds.subset(slice(0, n)), ds.subset(slice(n, None))
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    """Versions and machine a result was produced with."""
+    return {
+        "dni_version": dni.__version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def git_commit() -> str | None:
+    """Commit of the dni source tree, when it is a git checkout (with '+dirty' if modified)."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=5)
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def train(
+    spec: TrainSpec,
+    data_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    reporter: Reporter | None = None,
+) -> TrainResult:
+    """Train one model as specified and return it (the caller decides where to store it).
+
+    Raises:
+        DivergenceError: the loss or the weights became non-finite.
+    """
+    reporter = reporter or SilentReporter()
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    full = load_dataset(spec.data, "train", data_dir, stroke_repr=spec.stroke_repr, limit=spec.limit_train)
+    train_ds, val_ds = split_train_val(full, spec.val_size)
+    test_ds = load_dataset(spec.data, "test", data_dir, stroke_repr=spec.stroke_repr)
+    x_all, y_all = train_ds.x.to(device), train_ds.y.to(device)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(spec.seed, "init"))
+        model = build_model(spec.arch, full.inputs, spec.hidden_size).to(device)
+    noise = make_noise(spec.noise, spec.sigma_train)
+    clean = make_noise(spec.noise, 0.0)
+    noise_gen = make_generator(derive_seed(spec.seed, "train-noise"), device)
+    shuffle_gen = make_generator(derive_seed(spec.seed, "shuffle"), "cpu")
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    batches = math.ceil(len(train_ds) / spec.batch_size)
+
+    history: list[dict[str, Any]] = []
+    best_state, best_acc, best_epoch = None, -1.0, 0
+    with reporter.task(f"train {spec.model_id}", spec.epochs * batches) as task:
+        for epoch in range(1, spec.epochs + 1):
+            lr = spec.lr * spec.lr_decay ** (epoch - 1)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            model.train()
+            started = time.perf_counter()
+            loss_sum, correct = 0.0, 0
+            perm = torch.randperm(len(train_ds), generator=shuffle_gen).to(device)
+            for b, idx in enumerate(perm.split(spec.batch_size), start=1):
+                x, y = x_all[idx], y_all[idx]
+                logits = model(x, noise, noise_gen)
+                loss = F.cross_entropy(logits, y)
+                if not torch.isfinite(loss):
+                    raise DivergenceError(
+                        f"training diverged in epoch {epoch}, batch {b}: loss is {loss.item()} "
+                        f"(sigma_train={spec.sigma_train}); try a lower --lr or --grad-clip"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+                opt.step()
+                loss_sum += loss.item() * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                task.advance(1, epoch=epoch, loss=loss.item())
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise DivergenceError(f"training diverged in epoch {epoch}: weights became non-finite")
+            # A fixed generator per evaluation makes epochs comparable (same noise draws).
+            val_acc = accuracy(model, val_ds, noise, make_generator(derive_seed(spec.seed, "val-noise"), device)) if len(val_ds) else float("nan")
+            row = {
+                "epoch": epoch,
+                "lr": lr,
+                "train_loss": loss_sum / len(train_ds),
+                "train_accuracy": correct / len(train_ds),
+                "val_accuracy": val_acc,
+                "val_accuracy_clean": accuracy(model, val_ds, clean, None) if len(val_ds) else float("nan"),
+                "seconds": time.perf_counter() - started,
+            }
+            history.append(row)
+            reporter.log(
+                f"epoch {epoch}/{spec.epochs}: loss {row['train_loss']:.4f} train acc {row['train_accuracy']:.4f} "
+                f"val acc {val_acc:.4f} (clean {row['val_accuracy_clean']:.4f}) {row['seconds']:.1f}s"
+            )
+            if not len(val_ds) or val_acc > best_acc:
+                best_acc, best_epoch = val_acc, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    model.eval()
+    test_acc = accuracy(model, test_ds, clean, None)
+    wall = time.perf_counter() - t0
+    meta = {
+        **provenance(device),
+        "history": history,
+        "best_epoch": best_epoch,
+        "val_accuracy": best_acc,
+        "test_accuracy_clean": test_acc,
+        "n_train": len(train_ds),
+        "n_val": len(val_ds),
+        "wall_time_s": wall,
+    }
+    return TrainResult(spec, model, history, best_epoch, best_acc, test_acc, wall, meta)
