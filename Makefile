@@ -2,7 +2,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-export DNI_DATA_DIR ?= $(abspath ../shared/data)
+# Use the data copy beside the checkout when there is one; otherwise dni downloads to its cache.
+export DNI_DATA_DIR ?= $(if $(wildcard ../shared/data/mnist),$(abspath ../shared/data),)
 export MPLCONFIGDIR := $(abspath .cache/matplotlib)
 
 .PHONY: venv test smoke clean

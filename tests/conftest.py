@@ -1,0 +1,72 @@
+"""Shared fixtures. Every cache and temporary file of the tests stays inside the workspace."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE_DATA = Path(__file__).parent / "fixtures" / "data"
+_WORK = ROOT / ".cache" / "tests"
+_WORK.mkdir(parents=True, exist_ok=True)
+os.environ["MPLCONFIGDIR"] = str(_WORK / "matplotlib")
+os.environ["XDG_CACHE_HOME"] = str(_WORK / "xdg")
+os.environ["TMPDIR"] = str(_WORK / "tmp")
+(_WORK / "tmp").mkdir(exist_ok=True)
+# Real data for the tests that need the full files: $DNI_DATA_DIR, else ../shared/data.
+REAL_DATA = Path(os.environ.get("DNI_DATA_DIR") or ROOT.parent / "shared" / "data")
+os.environ.pop("DNI_DATA_DIR", None)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Each test gets its own decoded-data cache, and no default data directory."""
+    monkeypatch.setenv("DNI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("DNI_DATA_DIR", raising=False)
+    monkeypatch.delenv("DNI_STORE", raising=False)
+
+
+@pytest.fixture
+def fixture_sources(monkeypatch) -> Path:
+    """Make the checksums of the committed fixture files the expected ones."""
+    import dni.data
+
+    md5 = json.loads((FIXTURE_DATA / "md5.json").read_text())
+    sources = {
+        key: {name: dataclasses.replace(src, md5=md5[src.relpath]) for name, src in files.items()}
+        for key, files in dni.data.SOURCES.items()
+    }
+    monkeypatch.setattr(dni.data, "SOURCES", sources)
+    return FIXTURE_DATA
+
+
+@pytest.fixture
+def fixture_data(fixture_sources, monkeypatch) -> Path:
+    """The tiny committed subset of the real data, with its own checksums, as DNI_DATA_DIR."""
+    import dni.data
+
+    monkeypatch.setattr(dni.data, "_download", _no_network)
+    monkeypatch.setenv("DNI_DATA_DIR", str(FIXTURE_DATA))
+    return FIXTURE_DATA
+
+
+@pytest.fixture
+def real_data(monkeypatch) -> Path:
+    """The full published data files (skipped where they are not available)."""
+    if not (REAL_DATA / "mnist").is_dir():
+        pytest.skip(f"full data set not found at {REAL_DATA}")
+    import dni.data
+
+    monkeypatch.setattr(dni.data, "_download", _no_network)
+    monkeypatch.setenv("DNI_DATA_DIR", str(REAL_DATA))
+    return REAL_DATA
+
+
+def _no_network(src, dest):
+    from dni.errors import DataError
+
+    raise DataError(f"no network in tests (wanted {src.urls[0]})")

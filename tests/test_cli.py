@@ -1,0 +1,131 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from dni.cli import app
+from dni.store import Store
+
+runner = CliRunner()
+TINY = ["--limit-train", "120", "--val-size", "20", "--epochs", "1", "--batch-size", "32", "--device", "cpu"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _snapshot(root):
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.suffix != ".lock"}
+
+
+@pytest.fixture
+def trained(tmp_path, fixture_data):
+    store = tmp_path / "store"
+    res = run("train", "--arch", "lstm", "--data", "rows", "--sigma-train", "0.5", "--store", store, *TINY)
+    assert res.exit_code == 0, res.output
+    return store
+
+
+@pytest.mark.parametrize("arch,data,count", [("lstm", "rows", 81674), ("lstm", "strokes", 68362), ("rnn", "rows", 21386)])
+def test_describe_prints_the_paper_tables(arch, data, count):
+    res = run("describe", "--arch", arch, "--data", data)
+    assert res.exit_code == 0 and str(count) in res.output
+
+
+def test_train_evaluate_list_export(trained, tmp_path):
+    store = trained
+    (mid,) = Store(store).model_ids()
+    assert mid.startswith("lstm-rows-st0.5-s0-")
+    meta = Store(store).read_meta(mid)
+    for key in ("dni_version", "torch_version", "history", "wall_time_s", "test_accuracy_clean", "git_commit"):
+        assert key in meta
+    again = run("train", "--arch", "lstm", "--data", "rows", "--sigma-train", "0.5", "--store", store, *TINY)
+    assert again.exit_code == 0 and "already trained" in again.output
+
+    out = tmp_path / "results.csv"
+    res = run("evaluate", "--store", store, "--sigma-val", "0,0.5,1", "--repeats", "3", "--limit-test", "50", "--out", out)
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out)
+    assert len(df) == 9
+    for col in ("arch", "data", "sigma_train", "sigma_val", "repeat", "accuracy", "model_id", "seed"):
+        assert col in df.columns
+    summary = pd.read_csv(tmp_path / "results-summary.csv")
+    assert {"mean", "std", "ci_low", "ci_high", "n"} <= set(summary.columns) and len(summary) == 3
+
+    out2 = tmp_path / "again.csv"
+    assert run("evaluate", "--store", store, "--sigma-val", "0:1:0.5", "--repeats", "3", "--limit-test", "50", "--out", out2).exit_code == 0
+    assert out.read_bytes() == out2.read_bytes()
+
+    assert mid in run("list", "--store", store).output
+    npz = tmp_path / "w.npz"
+    assert run("export", mid[:14], "--store", store, "--out", npz).exit_code == 0
+    with np.load(npz) as z:
+        assert z["weight_x"].shape == (512, 28) and z["weight_h"].shape == (512, 128)
+        assert z["bias"].shape == (512,) and z["fc_weight"].shape == (10, 128) and z["fc_bias"].shape == (10,)
+        assert list(z["gate_order"]) == ["i", "f", "g", "o"]
+        assert json.loads(str(z["spec_json"]))["sigma_train"] == 0.5
+
+
+def _error(res):
+    assert res.exit_code != 0, res.output
+    assert "Traceback" not in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    return res.output
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "--arch", "gru"], "unknown architecture"),
+        (["train", "--data", "cifar"], "unknown data set"),
+        (["train", "--sigma-train", "-0.5"], "sigma_train"),
+        (["train", "--sigma-train", "nan"], "sigma_train"),
+        (["train", "--sigma-train", "inf"], "sigma_train"),
+        (["train", "--epochs", "0"], "epochs"),
+        (["evaluate", "--repeats", "0"], "repeats"),
+        (["evaluate", "--sigma-val", "0,-1"], "sigma_val"),
+        (["evaluate", "--sigma-val", "abc"], "sigma-val"),
+        (["evaluate", "--model", "lstm-nothing"], "no model"),
+        (["describe", "--arch", "cnn"], "unknown architecture"),
+        (["train", "--device", "tpu"], "device"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(args, needle, tmp_path, fixture_data):
+    res = run(*args, "--store", tmp_path / "s") if args[0] != "describe" else run(*args)
+    assert needle in _error(res)
+
+
+def test_missing_data_is_a_clear_error(tmp_path, fixture_sources, monkeypatch):
+    import dni.data
+
+    monkeypatch.setattr(dni.data, "_download", lambda src, dest: (_ for _ in ()).throw(dni.errors.DataError("offline")))
+    res = run("train", "--store", tmp_path / "s", "--data-dir", tmp_path / "nodata", *TINY)
+    assert "missing data file" in _error(res)
+    assert not (tmp_path / "s" / "models").exists() or not list((tmp_path / "s" / "models").iterdir())
+
+
+def test_store_path_that_is_a_file(tmp_path, fixture_data):
+    f = tmp_path / "store"
+    f.write_text("not a store")
+    assert "not a directory" in _error(run("train", "--store", f, *TINY))
+    assert "not a directory" in _error(run("evaluate", "--store", f))
+    assert f.read_text() == "not a store"
+
+
+def test_corrupted_checkpoint_is_reported_and_nothing_changes(trained):
+    st = Store(trained)
+    (mid,) = st.model_ids()
+    path = st.model_dir(mid) / "weights.safetensors"
+    path.write_bytes(path.read_bytes()[:300])
+    before = _snapshot(trained)
+    assert "corrupted" in _error(run("evaluate", "--store", trained, "--repeats", "1", "--limit-test", "10"))
+    assert _snapshot(trained) == before
+
+
+def test_python_dash_m_entry_point():
+    res = subprocess.run([sys.executable, "-m", "dni", "describe", "--arch", "rnn"], capture_output=True, text=True)
+    assert res.returncode == 0 and "21386" in res.stdout

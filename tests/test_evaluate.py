@@ -1,0 +1,74 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from dni.evaluate import RESULT_COLUMNS, collect, evaluate, run_cells, summarize
+from dni.data import load_dataset
+from dni.models import build_model
+from dni.spec import EvalSpec, TrainSpec
+from dni.store import Store
+
+
+@pytest.fixture
+def store_with_model(tmp_path, fixture_data):
+    store = Store(tmp_path / "store")
+    spec = TrainSpec(limit_train=100, val_size=10, epochs=1)
+    torch.manual_seed(0)
+    model = build_model("lstm", 28)
+    store.save_model(spec, model, {})
+    return store, spec.model_id
+
+
+def test_results_are_tidy_and_deterministic(store_with_model, tmp_path):
+    store, mid = store_with_model
+    ev = EvalSpec(sigma_val=(0.0, 0.5, 1.0), repeats=3, batch_size=64)
+    a = evaluate(store, [mid], ev)
+    assert list(a.columns) == RESULT_COLUMNS and len(a) == 9
+    assert (a.loc[a.sigma_val == 0.0, "accuracy"].nunique()) == 1  # no noise: repeats agree
+    assert a.loc[a.sigma_val == 1.0, "accuracy"].nunique() > 1
+    # a fresh store gives identical numbers
+    fresh = Store(tmp_path / "fresh")
+    fresh.save_model(store.read_spec(mid), store.load_model(mid).model, {})
+    b = evaluate(fresh, [mid], ev)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_cells_do_not_depend_on_what_was_computed_before(store_with_model):
+    store, mid = store_with_model
+    partial = evaluate(store, [mid], EvalSpec(sigma_val=(1.0,), repeats=2, batch_size=64))
+    full = evaluate(store, [mid], EvalSpec(sigma_val=(0.5, 1.0), repeats=4, batch_size=64))
+    again = run_cells(store.load_model(mid).model, mid, load_dataset("rows", "test"), [(1.0, 3), (1.0, 0)],
+                      EvalSpec(batch_size=64), torch.device("cpu"))
+    one = full[(full.sigma_val == 1.0)].set_index("repeat")["correct"]
+    assert again == [one[3], one[0]]
+    pd.testing.assert_frame_equal(partial, full[full.sigma_val == 1.0].head(2).reset_index(drop=True))
+
+
+def test_stored_cells_are_reused(store_with_model, monkeypatch):
+    store, mid = store_with_model
+    ev = EvalSpec(sigma_val=(0.2,), repeats=2, batch_size=64)
+    first = evaluate(store, [mid], ev)
+    import dni.evaluate
+
+    monkeypatch.setattr(dni.evaluate, "run_cells", lambda *a, **k: pytest.fail("recomputed a stored cell"))
+    pd.testing.assert_frame_equal(first, evaluate(store, [mid], ev))
+
+
+def test_summary_confidence_interval():
+    acc = [0.90, 0.92, 0.91, 0.95]
+    df = pd.DataFrame({k: ["m"] * 4 for k in ("model_id", "arch", "data", "noise_train", "noise_val")})
+    df["sigma_train"], df["seed"], df["sigma_val"], df["accuracy"] = 0.0, 0, 0.5, acc
+    s = summarize(df).iloc[0]
+    half = stats.t.ppf(0.975, 3) * np.std(acc, ddof=1) / 2
+    assert s["n"] == 4 and s["mean"] == pytest.approx(np.mean(acc))
+    assert s["ci_low"] == pytest.approx(np.mean(acc) - half) and s["ci_high"] == pytest.approx(np.mean(acc) + half)
+
+
+def test_collect_reports_missing_cells(store_with_model):
+    store, mid = store_with_model
+    from dni.errors import StoreError
+
+    with pytest.raises(StoreError, match="missing"):
+        collect(store, [mid], EvalSpec(sigma_val=(0.0,), repeats=1))

@@ -1,0 +1,115 @@
+import pytest
+import torch
+
+from dni.errors import SpecError
+from dni.models import build_model, count_parameters
+from dni.noise import AdditiveGaussian
+
+# Tables I, II and III of the paper.
+PAPER_COUNTS = [("lstm", 28, 81674), ("lstm", 2, 68362), ("rnn", 28, 21386)]
+
+
+@pytest.mark.parametrize("arch,inputs,count", PAPER_COUNTS)
+def test_parameter_counts_match_the_paper(arch, inputs, count):
+    assert count_parameters(build_model(arch, inputs)) == count
+
+
+@pytest.mark.parametrize("arch,steps,inputs", [("lstm", 28, 28), ("lstm", 50, 2), ("rnn", 28, 28)])
+def test_output_shape(arch, steps, inputs):
+    model = build_model(arch, inputs)
+    assert model(torch.rand(5, steps, inputs), AdditiveGaussian(0.5)).shape == (5, 10)
+
+
+def _reference(arch, model):
+    """The same network built from torch's fused modules (bias split as b_ih = b, b_hh = 0)."""
+    h = model.hidden_size
+    ref = (torch.nn.LSTM if arch == "lstm" else torch.nn.RNN)(model.input_size, h, batch_first=True)
+    with torch.no_grad():
+        ref.weight_ih_l0.copy_(model.weight[:, : model.input_size])
+        ref.weight_hh_l0.copy_(model.weight[:, model.input_size :])
+        ref.bias_ih_l0.copy_(model.bias)
+        ref.bias_hh_l0.zero_()
+    return ref
+
+
+@pytest.mark.parametrize("arch", ["lstm", "rnn"])
+def test_noiseless_network_equals_torch_reference(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 28)
+    ref = _reference(arch, model)
+    x = torch.rand(16, 28, 28)
+    with torch.no_grad():
+        ours = model(x, AdditiveGaussian(0.0))
+        seq, _ = ref(x)
+        theirs = model.fc(seq[:, -1])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+class Recorder:
+    """A noise model that records the shape of every pre-activation it perturbs."""
+
+    is_noiseless = False
+
+    def __init__(self):
+        self.shapes = []
+
+    def __call__(self, pre, generator):
+        self.shapes.append(tuple(pre.shape))
+        return pre
+
+
+@pytest.mark.parametrize("arch,gates", [("lstm", 4), ("rnn", 1)])
+def test_one_noise_draw_per_pre_activation_and_the_output_layer(arch, gates):
+    model = build_model(arch, 28)
+    rec = Recorder()
+    model(torch.rand(3, 28, 28), rec)
+    # one call per step on all gates together (W·[x, h] + b), then one on the logits
+    assert rec.shapes == [(3, gates * 128)] * 28 + [(3, 10)]
+
+
+def test_noise_enters_each_step_and_each_sample():
+    model = build_model("lstm", 28)
+    x = torch.rand(1, 28, 28).repeat(4, 1, 1)
+    with torch.no_grad():
+        out = model(x, AdditiveGaussian(0.5), torch.Generator().manual_seed(0))
+    assert len({tuple(r.tolist()) for r in out}) == 4, "identical samples must see different noise"
+
+
+def test_same_seed_same_output_different_seed_different_output():
+    model = build_model("lstm", 2)
+    x = torch.rand(4, 50, 2)
+    noise = AdditiveGaussian(0.3)
+    with torch.no_grad():
+        a = model(x, noise, torch.Generator().manual_seed(5))
+        b = model(x, noise, torch.Generator().manual_seed(5))
+        c = model(x, noise, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_projection_is_reusable_across_noisy_passes():
+    model = build_model("lstm", 28)
+    x = torch.rand(4, 28, 28)
+    with torch.no_grad():
+        xp = model.project(x)
+        before = xp.clone()
+        model.recur(xp, AdditiveGaussian(1.0), torch.Generator().manual_seed(0))
+    assert torch.equal(xp, before)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "rnn"])
+def test_gradients_flow_to_every_parameter_with_noise(arch):
+    model = build_model(arch, 28)
+    loss = torch.nn.functional.cross_entropy(
+        model(torch.rand(8, 28, 28), AdditiveGaussian(1.0), torch.Generator().manual_seed(0)), torch.arange(8)
+    )
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_unknown_arch_and_bad_input_shape():
+    with pytest.raises(SpecError, match="unknown architecture"):
+        build_model("transformer", 28)
+    with pytest.raises(SpecError, match="expected input"):
+        build_model("lstm", 28)(torch.rand(2, 28, 3), AdditiveGaussian(0.0))

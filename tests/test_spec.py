@@ -1,0 +1,58 @@
+import dataclasses
+
+import pytest
+
+from dni.errors import SpecError
+from dni.spec import EvalSpec, TrainSpec, check_id, parse_grid
+
+
+def test_parse_grid_lists_and_ranges_without_drift():
+    assert parse_grid("0,0.5,1") == (0.0, 0.5, 1.0)
+    grid = parse_grid("0:1:0.1")
+    assert len(grid) == 11 and grid[3] == 0.3 and grid[-1] == 1.0
+    assert parse_grid("0:0.2:0.1, 0.9") == (0.0, 0.1, 0.2, 0.9)
+    assert parse_grid("0.5,0.5") == (0.5,)
+
+
+@pytest.mark.parametrize("bad", ["", "a", "0:1", "1:0:0.1", "0:1:0", "0:1:-1", "nan", "0,,1", "0:inf:1"])
+def test_parse_grid_errors(bad):
+    with pytest.raises(SpecError):
+        parse_grid(bad)
+
+
+def test_model_id_is_derived_from_the_full_spec():
+    a = TrainSpec(sigma_train=0.3)
+    assert a.model_id == TrainSpec(sigma_train=0.1 + 0.2).model_id
+    assert a.model_id.startswith("lstm-rows-st0.3-s0-")
+    assert a.model_id != dataclasses.replace(a, lr=2e-3).model_id
+    assert TrainSpec.from_dict(a.to_dict()) == a
+    check_id(a.model_id)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"arch": "gru"}, {"data": "cifar"}, {"sigma_train": -1}, {"sigma_train": float("nan")},
+        {"epochs": 0}, {"batch_size": 0}, {"lr": 0}, {"limit_train": 100, "val_size": 100},
+        {"lr_decay": 1.5}, {"seed": -1}, {"stroke_repr": "polar"},
+    ],
+)
+def test_invalid_train_specs(kwargs):
+    with pytest.raises(SpecError):
+        TrainSpec(**kwargs)
+
+
+def test_eval_spec():
+    ev = EvalSpec(sigma_val=(0.0, 0.1 + 0.2, 0.3), repeats=3)
+    assert ev.sigma_val == (0.0, 0.3)
+    assert EvalSpec(repeats=3).protocol_id == EvalSpec(repeats=40).protocol_id  # same numbers per cell
+    assert EvalSpec(seed=1).protocol_id != EvalSpec(seed=2).protocol_id
+    for bad in ({"repeats": 0}, {"sigma_val": ()}, {"sigma_val": (-0.1,)}, {"limit_test": 0}):
+        with pytest.raises(SpecError):
+            EvalSpec(**bad)
+
+
+@pytest.mark.parametrize("bad", ["../etc", "a/b", "", ".hidden", "A" * 3, "x" * 200])
+def test_ids_cannot_escape_the_store(bad):
+    with pytest.raises(SpecError):
+        check_id(bad)
