@@ -79,21 +79,39 @@ def _reporter():
     return ConsoleReporter(sys.stderr)
 
 
+ArchOpt = Annotated[str, typer.Option(help="Architecture: lstm or rnn.")]
+DataOpt = Annotated[str, typer.Option(help="Data set: rows (28x28 images) or strokes (pen strokes).")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Training epochs (default: 20 for LSTM rows, else 30).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Training mini-batch size.")]
+LrOpt = Annotated[float, typer.Option(help="Adam learning rate.")]
+LrDecayOpt = Annotated[float, typer.Option("--lr-decay", help="Learning-rate factor per epoch.")]
+ClipOpt = Annotated[float, typer.Option("--grad-clip", help="Max gradient norm.")]
+ValSizeOpt = Annotated[int, typer.Option("--val-size", help="Training digits held out for model selection.")]
+StrokeOpt = Annotated[str, typer.Option("--stroke-repr", help="Strokes input: absolute or offsets.")]
+HiddenOpt = Annotated[int, typer.Option("--hidden-size", help="State size H.")]
+LimitTrainOpt = Annotated[Optional[int], typer.Option("--limit-train", help="Use only the first N training digits.")]
+LimitTestOpt = Annotated[Optional[int], typer.Option("--limit-test", help="Use only the first N test digits.")]
+SigmaValOpt = Annotated[str, typer.Option("--sigma-val", help="Inference noise grid: 0,0.5,1 or 0:1:0.1.")]
+RepeatsOpt = Annotated[int, typer.Option(help="Independent noisy passes per sigma_val.")]
+EvalSeedOpt = Annotated[int, typer.Option("--eval-seed", help="Seed of the inference noise.")]
+EvalBatchOpt = Annotated[int, typer.Option("--eval-batch-size", help="Test digits per batch (fixes the noise layout).")]
+
+
 @app.command("train")
 def train_cli(
-    arch: Annotated[str, typer.Option(help="Architecture: lstm or rnn.")] = "lstm",
-    data: Annotated[str, typer.Option(help="Data set: rows (28x28 images) or strokes (pen strokes).")] = "rows",
+    arch: ArchOpt = "lstm",
+    data: DataOpt = "rows",
     sigma_train: Annotated[float, typer.Option("--sigma-train", help="Std of the training noise (Eq. 2).")] = 0.0,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Mini-batch size.")] = 128,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    lr_decay: Annotated[float, typer.Option("--lr-decay", help="Learning-rate factor per epoch.")] = 0.9,
-    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Max gradient norm.")] = 1.0,
-    val_size: Annotated[int, typer.Option("--val-size", help="Training digits held out for model selection.")] = 5000,
-    stroke_repr: Annotated[str, typer.Option("--stroke-repr", help="Strokes input: absolute or offsets.")] = "absolute",
-    hidden_size: Annotated[int, typer.Option("--hidden-size", help="State size H.")] = 128,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = 128,
+    lr: LrOpt = 3e-3,
+    lr_decay: LrDecayOpt = 0.95,
+    grad_clip: ClipOpt = 1.0,
+    val_size: ValSizeOpt = 5000,
+    stroke_repr: StrokeOpt = "absolute",
+    hidden_size: HiddenOpt = 128,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and training noise.")] = 0,
-    limit_train: Annotated[Optional[int], typer.Option("--limit-train", help="Use only the first N training digits.")] = None,
+    limit_train: LimitTrainOpt = None,
     store: StoreOpt = Path("store"),
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
@@ -101,9 +119,9 @@ def train_cli(
     force: Annotated[bool, typer.Option("--force", help="Retrain even if the model is already in the store.")] = False,
 ):
     """Train one noise-injected model and save it in the checkpoint store."""
+    from dni.jobs import train_job
     from dni.spec import TrainSpec
     from dni.store import Store
-    from dni.train import train
 
     with user_errors():
         _setup(threads)
@@ -113,30 +131,129 @@ def train_cli(
             val_size=val_size, limit_train=limit_train, seed=seed,
         )
         st = Store(store)
-        model_id = spec.model_id
-        if st.has_model(model_id) and not force:
-            meta = st.read_meta(model_id)
-            out.print(f"{model_id} is already trained (clean test accuracy {meta.get('test_accuracy_clean', float('nan')):.4f}); use --force to retrain")
+        result = train_job(st.root, spec, data_dir, str(resolve_device(device)), force, _reporter())
+        if not result.trained:
+            out.print(f"{result.model_id} is already trained (clean test accuracy {result.test_accuracy:.4f}); use --force to retrain")
             return
-        with st.lock(model_id):
-            if st.has_model(model_id) and not force:
-                out.print(f"{model_id} was trained meanwhile by another process")
-                return
-            result = train(spec, data_dir, resolve_device(device), _reporter())
-            st.save_model(spec, result.model, result.meta, overwrite=force)
+        meta = st.read_meta(result.model_id)
         out.print(
-            f"trained {model_id}: best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.4f}, "
-            f"clean test accuracy {result.test_accuracy:.4f} ({result.wall_time:.0f}s); saved in {st.model_dir(model_id)}"
+            f"trained {result.model_id}: best epoch {meta['best_epoch']}, val accuracy {meta['val_accuracy']:.4f}, "
+            f"clean test accuracy {result.test_accuracy:.4f} ({result.wall_time:.0f}s); saved in {st.model_dir(result.model_id)}"
         )
+
+
+@app.command("sweep")
+def sweep_cli(
+    arch: ArchOpt = "lstm",
+    data: DataOpt = "rows",
+    sigma_train: Annotated[str, typer.Option("--sigma-train", help="Training noise grid: 0,0.5,1 or 0:1:0.1.")] = "0:1:0.1",
+    sigma_val: SigmaValOpt = "0:1:0.1",
+    repeats: RepeatsOpt = 40,
+    seeds: Annotated[int, typer.Option(help="Training seeds per sigma_train (0..N-1).")] = 1,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = 128,
+    lr: LrOpt = 3e-3,
+    lr_decay: LrDecayOpt = 0.95,
+    grad_clip: ClipOpt = 1.0,
+    val_size: ValSizeOpt = 5000,
+    stroke_repr: StrokeOpt = "absolute",
+    hidden_size: HiddenOpt = 128,
+    limit_train: LimitTrainOpt = None,
+    limit_test: LimitTestOpt = None,
+    eval_seed: EvalSeedOpt = 0,
+    eval_batch_size: EvalBatchOpt = 1000,
+    store: StoreOpt = Path("store"),
+    out_csv: Annotated[Optional[Path], typer.Option("--out", help="Also write the tidy results (and -summary.csv) here.")] = None,
+    executor: Annotated[str, typer.Option(help="local (process pool) or slurm (submitit).")] = "local",
+    jobs: Annotated[Optional[int], typer.Option(min=1, help="Local worker processes (default: one per core, or per GPU).")] = None,
+    threads: ThreadsOpt = None,
+    partition: Annotated[Optional[str], typer.Option(help="Slurm partition.")] = None,
+    time_min: Annotated[int, typer.Option("--time-min", help="Slurm time limit per job (minutes).")] = 120,
+    gpus: Annotated[int, typer.Option(help="Slurm GPUs per job (jobs then run on cuda).")] = 0,
+    cpus: Annotated[int, typer.Option(help="Slurm CPUs per job.")] = 1,
+    mem_gb: Annotated[float, typer.Option("--mem-gb", help="Slurm memory per job (GB).")] = 4.0,
+    slurm_config: Annotated[Optional[Path], typer.Option("--slurm-config", help="JSON file of extra submitit slurm_* parameters.")] = None,
+    stage: Annotated[str, typer.Option(help="all, or train (only train the models).")] = "all",
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = "auto",
+):
+    """Train every missing model of a grid and evaluate every missing cell (resumable)."""
+    from dni.spec import EvalSpec, TrainSpec, parse_grid
+    from dni.store import Store
+    from dni.sweep import SweepSpec, run_sweep
+
+    with user_errors():
+        base = TrainSpec(
+            arch=arch, data=data, stroke_repr=stroke_repr, hidden_size=hidden_size, epochs=epochs, batch_size=batch_size,
+            lr=lr, lr_decay=lr_decay, grad_clip=grad_clip, val_size=val_size, limit_train=limit_train,
+        )
+        if seeds < 1:
+            raise SpecError(f"--seeds must be >= 1, got {seeds}")
+        ev = EvalSpec(sigma_val=parse_grid(sigma_val, "--sigma-val"), repeats=repeats, limit_test=limit_test,
+                      batch_size=eval_batch_size, seed=eval_seed)
+        sweep = SweepSpec(base, parse_grid(sigma_train, "--sigma-train"), tuple(range(seeds)), ev)
+        st = Store(store)
+        ex = make_executor(executor, jobs, threads, device, data_dir, partition, time_min, gpus, cpus, mem_gb, slurm_config)
+        if stage not in ("all", "train"):
+            raise SpecError(f"unknown --stage {stage!r}; choose all or train")
+        report = run_sweep(st, sweep, ex, _reporter(), out_csv, evaluate=(stage == "all"))
+        if report.already_done:
+            out.print(f"sweep {report.sweep_id}: everything is already done (nothing to train or evaluate); results in {st.root / 'sweeps' / report.sweep_id}")
+        else:
+            out.print(f"sweep {report.sweep_id}: trained {report.trained} model(s), evaluated {report.cells} cell(s) "
+                      f"in {report.seconds:.0f}s; results in {st.root / 'sweeps' / report.sweep_id}")
+
+
+def make_executor(kind, jobs, threads, device, data_dir, partition, time_min, gpus, cpus, mem_gb, slurm_config):
+    """Build the executor named on the command line."""
+    from dni.executors import LocalExecutor, SlurmExecutor, default_jobs
+
+    data_dir = str(data_dir) if data_dir else None
+    if kind == "local":
+        dev = str(resolve_device(device))
+        auto_jobs, auto_threads = default_jobs(dev)
+        return LocalExecutor(jobs or auto_jobs, threads or auto_threads, dev, data_dir)
+    if kind == "slurm":
+        extra = {}
+        if slurm_config is not None:
+            try:
+                extra = json.loads(slurm_config.read_text())
+            except (OSError, ValueError) as exc:
+                raise SpecError(f"cannot read --slurm-config {slurm_config}: {exc}") from None
+            if not isinstance(extra, dict):
+                raise SpecError(f"--slurm-config {slurm_config} must hold a JSON object")
+        return SlurmExecutor(partition=partition, time_min=time_min, gpus=gpus, cpus=cpus, mem_gb=mem_gb, extra=extra, data_dir=data_dir)
+    raise SpecError(f"unknown executor {kind!r}; choose local or slurm")
+
+
+@app.command("status")
+def status_cli(store: StoreOpt = Path("store")):
+    """Show what each sweep in the store has trained and evaluated, and what is missing."""
+    from dni.store import Store
+    from dni.sweep import plan, registered
+
+    with user_errors():
+        st = Store(store)
+        sweeps = registered(st)
+        table = Table(title=f"sweeps in {st.root}")
+        for col in ("sweep", "arch", "data", "σ_train", "seeds", "models trained", "cells evaluated", "missing"):
+            table.add_column(col)
+        for sw in sweeps:
+            p = plan(st, sw)
+            missing = "nothing" if p.done else f"{len(p.train)} model(s), {p.cells_missing} cell(s)"
+            table.add_row(sw.sweep_id, sw.base.arch, sw.base.data, f"{len(sw.sigma_train)} values", str(len(sw.seeds)),
+                          f"{p.models_total - len(p.train)}/{p.models_total}", f"{p.cells_total - p.cells_missing}/{p.cells_total}", missing)
+        out.print(table)
+        out.print(f"{len(st.model_ids())} model(s) in the store")
 
 
 @app.command("evaluate")
 def evaluate_cli(
     store: StoreOpt = Path("store"),
     model: Annotated[Optional[list[str]], typer.Option("--model", help="Model id or unique prefix (repeatable; default: all).")] = None,
-    sigma_val: Annotated[str, typer.Option("--sigma-val", help="Inference noise grid: 0,0.5,1 or 0:1:0.1.")] = "0:1:0.1",
-    repeats: Annotated[int, typer.Option(help="Independent noisy passes per sigma_val.")] = 40,
-    limit_test: Annotated[Optional[int], typer.Option("--limit-test", help="Use only the first N test digits.")] = None,
+    sigma_val: SigmaValOpt = "0:1:0.1",
+    repeats: RepeatsOpt = 40,
+    limit_test: LimitTestOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the inference noise.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Test digits per batch (fixes the noise layout).")] = 1000,
     out_csv: Annotated[Optional[Path], typer.Option("--out", help="Write the tidy results (one row per repeat) here.")] = None,

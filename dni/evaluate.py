@@ -69,7 +69,7 @@ def run_cells(
     return correct.tolist()
 
 
-def _rows(spec: TrainSpec, model_id: str, cells, correct, ev: EvalSpec, n_test: int) -> pd.DataFrame:
+def result_rows(spec: TrainSpec, model_id: str, cells, correct, ev: EvalSpec, n_test: int) -> pd.DataFrame:
     return pd.DataFrame(
         [
             {
@@ -90,6 +90,33 @@ def missing_cells(store: Store, model_id: str, ev: EvalSpec) -> list[tuple[float
     return [(s, r) for s in ev.sigma_val for r in range(ev.repeats) if (s, r) not in have]
 
 
+def evaluate_point(
+    store: Store,
+    model_id: str,
+    ev: EvalSpec,
+    sigma_val: float,
+    data_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> int:
+    """Compute and store the missing repeats of one (model, sigma_val) point; return how many.
+
+    Holds a lock on the point while it works, so a concurrent evaluation of the same point
+    waits and then finds the cells done instead of computing them twice.
+    """
+    point = ev.for_sigmas((sigma_val,))
+    with store.lock(f"{model_id}.{ev.protocol_id}.{sigma_val!r}".lower()):
+        cells = missing_cells(store, model_id, point)
+        if not cells:
+            return 0
+        device = torch.device(device)
+        stored = store.load_model(model_id, device)
+        spec = stored.spec
+        test = load_dataset(spec.data, "test", data_dir, stroke_repr=spec.stroke_repr, limit=ev.limit_test)
+        correct = run_cells(stored.model, model_id, test, cells, ev, device)
+        store.add_cells(model_id, ev.protocol_id, result_rows(spec, model_id, cells, correct, ev, len(test)), CELL_KEYS)
+    return len(cells)
+
+
 def evaluate(
     store: Store,
     model_ids: Sequence[str],
@@ -104,26 +131,15 @@ def evaluate(
     interrupted evaluation loses at most one sigma_val's repeats of one model.
     """
     reporter = reporter or SilentReporter()
-    device = torch.device(device)
     todo = {m: missing_cells(store, m, ev) for m in model_ids}
     total = sum(len(c) for c in todo.values())
-    datasets: dict[tuple, Dataset] = {}
     if total:
         reporter.log(f"evaluating {total} cell(s) of {len(model_ids)} model(s); {len(model_ids) * len(ev.sigma_val) * ev.repeats - total} already stored")
     with reporter.task("evaluate", total) as task:
         for model_id, cells in todo.items():
-            if not cells:
-                continue
-            stored = store.load_model(model_id, device)
-            key = (stored.spec.data, stored.spec.stroke_repr, ev.limit_test)
-            if key not in datasets:
-                datasets[key] = load_dataset(stored.spec.data, "test", data_dir, stroke_repr=stored.spec.stroke_repr, limit=ev.limit_test)
-            test = datasets[key]
             for sigma in dict.fromkeys(s for s, _ in cells):
-                group = [c for c in cells if c[0] == sigma]
-                correct = run_cells(stored.model, model_id, test, group, ev, device)
-                store.add_cells(model_id, ev.protocol_id, _rows(stored.spec, model_id, group, correct, ev, len(test)), CELL_KEYS)
-                task.advance(len(group), model=model_id[:24], sigma_val=sigma)
+                done = evaluate_point(store, model_id, ev, sigma, data_dir, device)
+                task.advance(done, model=model_id[:24], sigma_val=sigma)
     return collect(store, model_ids, ev)
 
 
@@ -158,6 +174,25 @@ def summarize(results: pd.DataFrame, by: Sequence[str] = POINT_KEYS, confidence:
     tq = stats.t.ppf(0.5 + confidence / 2, np.maximum(out["n"] - 1, 1))
     half = np.where(out["n"] > 1, tq * sem, np.nan)
     out["sem"] = sem
+    out["ci_low"] = out["mean"] - half
+    out["ci_high"] = out["mean"] + half
+    return out
+
+
+def summarize_seeds(summary: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Aggregate per-model points over training seeds.
+
+    Reports both sources of spread: ``std_seeds`` (between the model means of different
+    training seeds) and ``std_noise`` (root mean square of each model's spread over noise
+    draws), with a Student-t interval over seeds.
+    """
+    keys = ["arch", "data", "noise_train", "sigma_train", "noise_val", "sigma_val"]
+    g = summary.groupby(keys, sort=True)
+    out = g.agg(seeds=("mean", "count"), mean=("mean", "mean"), std_seeds=("mean", "std")).reset_index()
+    out["std_noise"] = g["std"].apply(lambda s: float(np.sqrt(np.mean(np.square(s))))).to_numpy()
+    out["std_seeds"] = out["std_seeds"].fillna(0.0)
+    tq = stats.t.ppf(0.5 + confidence / 2, np.maximum(out["seeds"] - 1, 1))
+    half = np.where(out["seeds"] > 1, tq * out["std_seeds"] / np.sqrt(out["seeds"]), np.nan)
     out["ci_low"] = out["mean"] - half
     out["ci_high"] = out["mean"] + half
     return out

@@ -44,6 +44,10 @@ def _check_positive(name: str, value: Any) -> None:
         raise SpecError(f"{name} must be > 0, got {value!r}")
 
 
+#: Epochs of dni's recipe per (arch, data): enough for the clean accuracy to level off.
+DEFAULT_EPOCHS = {("lstm", "rows"): 20, ("lstm", "strokes"): 30, ("rnn", "rows"): 30, ("rnn", "strokes"): 30}
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """Everything that determines a trained model (and hence its id).
@@ -58,10 +62,10 @@ class TrainSpec:
     noise: str = "additive"
     hidden_size: int = 128
     stroke_repr: str = "absolute"
-    epochs: int = 20
+    epochs: int | None = None  # None: DEFAULT_EPOCHS of (arch, data)
     batch_size: int = 128
-    lr: float = 1e-3
-    lr_decay: float = 0.9  # multiplicative learning-rate decay per epoch
+    lr: float = 3e-3
+    lr_decay: float = 0.95  # multiplicative learning-rate decay per epoch
     grad_clip: float = 1.0  # max global gradient norm
     val_size: int = 5000  # held out from the 60,000 training digits for model selection
     limit_train: int | None = None  # use only the first N training digits (smoke runs)
@@ -73,6 +77,8 @@ class TrainSpec:
         _check_choice("noise model", self.noise, NOISE_KINDS)
         _check_choice("stroke representation", self.stroke_repr, STROKE_REPRS)
         object.__setattr__(self, "sigma_train", canonical_float(check_sigma(self.sigma_train, "sigma_train")))
+        if self.epochs is None:
+            object.__setattr__(self, "epochs", DEFAULT_EPOCHS[(self.arch, self.data)])
         for name, minimum in (("hidden_size", 1), ("epochs", 1), ("batch_size", 1), ("val_size", 0), ("seed", 0)):
             _check_int(name, getattr(self, name), minimum)
         if self.limit_train is not None:
@@ -126,6 +132,10 @@ class EvalSpec:
         _check_choice("noise model", self.noise, NOISE_KINDS)
         if self.limit_test is not None:
             _check_int("limit_test", self.limit_test, 1)
+
+    def for_sigmas(self, sigma_val: tuple[float, ...]) -> EvalSpec:
+        """The same protocol restricted to other sigma_val values."""
+        return dataclasses.replace(self, sigma_val=tuple(sigma_val))
 
     @property
     def protocol(self) -> dict[str, Any]:
