@@ -7,6 +7,7 @@ preempted Slurm task loses nothing: rerunning the sweep submits only what is mis
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 from collections import defaultdict
@@ -140,13 +141,13 @@ class SlurmExecutor:
             import submitit
         except ImportError:  # pragma: no cover - submitit is a dependency
             raise DniError("the slurm executor needs submitit (pip install submitit)") from None
-        ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")
+        logging.getLogger("submitit").addFilter(_QuietSacct())
+        ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm", slurm_max_num_timeout=self.max_requeues)
         params = {
             "timeout_min": self.time_min,
             "cpus_per_task": self.cpus,
             "mem_gb": self.mem_gb,
             "slurm_array_parallelism": self.parallelism,
-            "slurm_max_num_timeout": self.max_requeues,
             "name": "dni",
         }
         if self.gpus:
@@ -154,7 +155,10 @@ class SlurmExecutor:
         if self.partition:
             params["slurm_partition"] = self.partition
         params.update(self.extra)
-        ex.update_parameters(**params)
+        try:
+            ex.update_parameters(**params)
+        except (NameError, ValueError, TypeError) as exc:
+            raise DniError(f"invalid Slurm parameters: {str(exc).splitlines()[0]}") from None
         return ex
 
     def run(self, store, sweep, plan, on_trained, on_evaluated) -> None:
@@ -197,6 +201,14 @@ def _points(store, sweep) -> list[tuple[str, float]]:
     from dni.sweep import plan
 
     return [(m, s) for m, s in plan(store, sweep).evaluate if store.has_model(m)]
+
+
+class _QuietSacct(logging.Filter):
+    """Clusters without accounting (no slurmdbd) make every status poll warn; submitit then
+    falls back to squeue, which is all dni needs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "sacct" not in record.getMessage()
 
 
 class RequeueableTask:

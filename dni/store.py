@@ -21,7 +21,10 @@ import io
 import json
 import os
 import shutil
+import signal
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +42,80 @@ from dni.models import NoisyRecurrent, build_model
 from dni.spec import TrainSpec, check_id
 
 
+_FAULT_COUNT = 0
+
+
+def _fault_point(stage: str) -> None:
+    """Crash-test hook: ``DNI_FAULT_KILL=<stage>:<n>`` SIGKILLs this process at the n-th
+    atomic write reaching ``stage`` (``mid-write``: half the bytes are on disk;
+    ``before-rename``: the temporary file is complete). Used by the fault-injection tests."""
+    global _FAULT_COUNT
+    spec = os.environ.get("DNI_FAULT_KILL")
+    if not spec or not spec.startswith(stage + ":"):
+        return
+    _FAULT_COUNT += 1
+    if _FAULT_COUNT == int(spec.split(":", 1)[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_HOST = socket.gethostname().replace(".", "_") or "host"
+_STALE_FOREIGN_S = 24 * 3600  # temporaries of another host are removed only when this old
+
+
+def tmp_prefix(name: str) -> str:
+    """Prefix of a temporary file or directory: it names its writer (host, pid) so that a
+    crashed writer's leftovers can be told from a live writer's work in progress."""
+    return f".{name}.{_HOST}.{os.getpid()}."
+
+
+def _is_stale(path: Path) -> bool:
+    parts = path.name.split(".")
+    try:
+        host, pid = parts[-4], int(parts[-3])
+    except (IndexError, ValueError):
+        return False
+    if host != _HOST:
+        try:
+            return time.time() - path.lstat().st_mtime > _STALE_FOREIGN_S
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete the temporary files and directories that crashed writers left under ``root``."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for path in list(root.rglob(".*.tmp")):
+        if _is_stale(path):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            removed.append(path)
+    return removed
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            _fault_point("mid-write")
+            fh.write(data[len(data) // 2 :])
             fh.flush()
             os.fsync(fh.fileno())
+        _fault_point("before-rename")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -91,6 +160,10 @@ class Store:
 
     def model_dir(self, model_id: str) -> Path:
         return self.models_dir / check_id(model_id)
+
+    def clean(self) -> list[Path]:
+        """Remove what crashed writers left behind (temporary files of dead processes)."""
+        return remove_stale_temporaries(self.root)
 
     def _writable(self, path: Path) -> Path:
         try:
@@ -139,7 +212,7 @@ class Store:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         weights = st_save(tensors, metadata={"model_id": model_id})
         meta = {**meta, "model_id": model_id, "weights_sha256": hashlib.sha256(weights).hexdigest()}
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{model_id}.", suffix=".tmp"))
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=tmp_prefix(model_id), suffix=".tmp"))
         try:
             for name, data in (
                 ("weights.safetensors", weights),
@@ -148,7 +221,7 @@ class Store:
             ):
                 atomic_write(tmp / name, data)
             if dest.exists():  # --force: keep the old model until the new one is complete
-                old = dest.with_name(f".{model_id}.old")
+                old = dest.with_name(f"{tmp_prefix(model_id)}old.tmp")
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(dest, old)
                 os.replace(tmp, dest)

@@ -156,6 +156,7 @@ def run_sweep(
 
     reporter = reporter or SilentReporter()
     t0 = time.perf_counter()
+    store.clean()
     register(store, sweep)
     todo = plan(store, sweep, evaluate)
     if todo.done:

@@ -70,3 +70,17 @@ def _no_network(src, dest):
     from dni.errors import DataError
 
     raise DataError(f"no network in tests (wanted {src.urls[0]})")
+
+
+@pytest.fixture(scope="session")
+def reference_csv(tmp_path_factory):
+    """Results of the helpers' tiny sweep, run uninterrupted with the local executor."""
+    from tests.helpers import CLI_SWEEP, run_dni
+
+    if not (REAL_DATA / "mnist").is_dir():
+        pytest.skip("full data set not available")
+    root = tmp_path_factory.mktemp("reference")
+    env = {"DNI_CACHE_DIR": str(root / "cache")}
+    res = run_dni([*CLI_SWEEP, "--store", root / "store", "--out", root / "results.csv", "--jobs", "1"], env, REAL_DATA)
+    assert res.returncode == 0, res.stderr
+    return root / "results.csv"

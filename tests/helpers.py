@@ -1,0 +1,21 @@
+"""Helpers shared by the tests that run dni in subprocesses."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# A tiny sweep (2 models x 3 sigma_val x 2 repeats) on the first digits of the real data.
+CLI_SWEEP = ["sweep", "--arch", "rnn", "--data", "rows", "--sigma-train", "0,1", "--sigma-val", "0:1:0.5", "--repeats", "2",
+             "--epochs", "1", "--limit-train", "300", "--val-size", "50", "--limit-test", "100", "--device", "cpu"]
+
+
+def run_dni(args, env_extra=None, data=None):
+    """Run ``python -m dni ARGS`` with ``DNI_DATA_DIR=data``."""
+    env = {**os.environ, **({"DNI_DATA_DIR": str(data)} if data else {}), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "dni", *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
+
+
+def leftovers(root):
+    """Temporary or partial files under ``root``."""
+    return [p for p in Path(root).rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".part")]

@@ -1,0 +1,85 @@
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dni.executors import LocalExecutor
+from dni.jobs import train_job
+from dni.spec import EvalSpec, TrainSpec
+from dni.store import Store
+from dni.sweep import SweepSpec, plan, run_sweep
+from tests.helpers import CLI_SWEEP, leftovers, run_dni
+
+BASE = TrainSpec(arch="rnn", data="rows", epochs=1, limit_train=120, val_size=20, batch_size=32)
+EV = EvalSpec(sigma_val=(0.0, 0.5, 1.0), repeats=2, limit_test=60, batch_size=32)
+SWEEP = SweepSpec(BASE, (0.0, 1.0), (0,), EV)
+
+
+def test_plan_lists_only_missing_work(tmp_path, fixture_data):
+    store = Store(tmp_path)
+    p = plan(store, SWEEP)
+    assert len(p.train) == 2 and p.cells_missing == p.cells_total == 12 and len(p.evaluate) == 6
+    train_job(tmp_path, SWEEP.train_specs()[0])
+    from dni.evaluate import evaluate_point
+
+    evaluate_point(store, SWEEP.model_ids()[0], EV, 0.5)
+    p = plan(store, SWEEP)
+    assert [s.sigma_train for s in p.train] == [1.0] and p.cells_missing == 10 and len(p.evaluate) == 5
+
+
+def test_sweep_is_idempotent_and_seeds_give_both_spreads(tmp_path, fixture_data):
+    store = Store(tmp_path)
+    sweep = SweepSpec(BASE, (0.0,), (0, 1), EV)
+    first = run_sweep(store, sweep, LocalExecutor(jobs=1))
+    assert first.trained == 2 and first.cells == 12 and not first.already_done
+    second = run_sweep(store, sweep, LocalExecutor(jobs=1))
+    assert second.already_done and second.trained == 0 and second.cells == 0
+    seeds = pd.read_csv(tmp_path / "sweeps" / sweep.sweep_id / "summary-seeds.csv")
+    assert {"std_seeds", "std_noise", "seeds"} <= set(seeds.columns) and (seeds["seeds"] == 2).all()
+
+
+def test_process_pool_gives_the_same_results_as_in_process(tmp_path, real_data):
+    # Worker processes see the published checksums, so this test needs the real files.
+    a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
+    run_sweep(a, SWEEP, LocalExecutor(jobs=1))
+    run_sweep(b, SWEEP, LocalExecutor(jobs=2, data_dir=str(real_data)))
+    ra = pd.read_csv(a.root / "sweeps" / SWEEP.sweep_id / "results.csv")
+    rb = pd.read_csv(b.root / "sweeps" / SWEEP.sweep_id / "results.csv")
+    pd.testing.assert_frame_equal(ra, rb)
+
+
+def _train_concurrently(root, data_dir):
+    os.environ["DNI_DATA_DIR"] = str(data_dir)
+    import dni.data
+    import json
+    import dataclasses
+
+    md5 = json.loads((Path(data_dir) / "md5.json").read_text())
+    dni.data.SOURCES = {k: {n: dataclasses.replace(s, md5=md5[s.relpath]) for n, s in v.items()} for k, v in dni.data.SOURCES.items()}
+    return train_job(root, BASE).trained
+
+
+def test_two_processes_never_train_the_same_model_twice(tmp_path, fixture_data):
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        trained = list(pool.map(_train_concurrently, [tmp_path] * 2, [fixture_data] * 2))
+    assert sorted(trained) == [False, True]
+    assert Store(tmp_path).model_ids() == [BASE.model_id]
+
+
+# ------------------------------------------------------------------ crash and resume (subprocesses)
+
+
+@pytest.mark.parametrize("kill", ["mid-write:1", "before-rename:2", "mid-write:3", "before-rename:4", "mid-write:6", "before-rename:8"])
+def test_sigkill_at_any_write_then_resume_gives_identical_results(kill, reference_csv, tmp_path, real_data):
+    store, out = tmp_path / "store", tmp_path / "results.csv"
+    crashed = run_dni([*CLI_SWEEP, "--store", store, "--out", out, "--jobs", "1"], {"DNI_FAULT_KILL": kill}, real_data)
+    assert crashed.returncode == -9, f"the fault point {kill} was never reached: {crashed.stderr[-500:]}"
+    resumed = run_dni([*CLI_SWEEP, "--store", store, "--out", out, "--jobs", "1"], data=real_data)
+    assert resumed.returncode == 0, resumed.stderr
+    assert out.read_bytes() == reference_csv.read_bytes()
+    assert leftovers(store) == []
