@@ -95,6 +95,7 @@ SigmaValOpt = Annotated[str, typer.Option("--sigma-val", help="Inference noise g
 RepeatsOpt = Annotated[int, typer.Option(help="Independent noisy passes per sigma_val.")]
 EvalSeedOpt = Annotated[int, typer.Option("--eval-seed", help="Seed of the inference noise.")]
 EvalBatchOpt = Annotated[int, typer.Option("--eval-batch-size", help="Test digits per batch (fixes the noise layout).")]
+RngOpt = Annotated[str, typer.Option("--rng", help="Inference noise generator: philox (dni's, fast on CPU) or torch.")]
 
 
 @app.command("train")
@@ -162,6 +163,7 @@ def sweep_cli(
     limit_test: LimitTestOpt = None,
     eval_seed: EvalSeedOpt = 0,
     eval_batch_size: EvalBatchOpt = 1000,
+    rng: RngOpt = "philox",
     store: StoreOpt = Path("store"),
     out_csv: Annotated[Optional[Path], typer.Option("--out", help="Also write the tidy results (and -summary.csv) here.")] = None,
     executor: Annotated[str, typer.Option(help="local (process pool) or slurm (submitit).")] = "local",
@@ -190,7 +192,7 @@ def sweep_cli(
         if seeds < 1:
             raise SpecError(f"--seeds must be >= 1, got {seeds}")
         ev = EvalSpec(sigma_val=parse_grid(sigma_val, "--sigma-val"), repeats=repeats, limit_test=limit_test,
-                      batch_size=eval_batch_size, seed=eval_seed)
+                      batch_size=eval_batch_size, seed=eval_seed, rng=rng)
         sweep = SweepSpec(base, parse_grid(sigma_train, "--sigma-train"), tuple(range(seeds)), ev)
         st = Store(store)
         ex = make_executor(executor, jobs, threads, device, data_dir, partition, time_min, gpus, cpus, mem_gb, slurm_config)
@@ -256,6 +258,7 @@ def evaluate_cli(
     limit_test: LimitTestOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the inference noise.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Test digits per batch (fixes the noise layout).")] = 1000,
+    rng: RngOpt = "philox",
     out_csv: Annotated[Optional[Path], typer.Option("--out", help="Write the tidy results (one row per repeat) here.")] = None,
     summary_csv: Annotated[Optional[Path], typer.Option("--summary", help="Write the summary (mean, std, 95% CI) here; default: <out>-summary.csv.")] = None,
     data_dir: DataDirOpt = None,
@@ -269,7 +272,7 @@ def evaluate_cli(
 
     with user_errors():
         _setup(threads)
-        ev = EvalSpec(sigma_val=parse_grid(sigma_val, "--sigma-val"), repeats=repeats, limit_test=limit_test, batch_size=batch_size, seed=seed)
+        ev = EvalSpec(sigma_val=parse_grid(sigma_val, "--sigma-val"), repeats=repeats, limit_test=limit_test, batch_size=batch_size, seed=seed, rng=rng)
         st = Store(store)
         ids = [st.resolve(m) for m in model] if model else st.model_ids()
         if not ids:

@@ -22,9 +22,9 @@ from scipy import stats
 from dni.data import Dataset, load_dataset
 from dni.errors import StoreError
 from dni.models import NoisyRecurrent
-from dni.noise import make_noise
+from dni.noise import make_generator, make_noise
 from dni.progress import Reporter, SilentReporter
-from dni.seeding import derive_seed, make_generator
+from dni.seeding import derive_seed
 from dni.spec import EvalSpec, TrainSpec
 from dni.store import Store
 
@@ -56,7 +56,7 @@ def run_cells(
     """Number of correctly classified test digits for each (sigma_val, repeat) cell."""
     model.eval()
     noises = [make_noise(spec.noise, s) for s, _ in cells]
-    gens = [make_generator(cell_seed(spec.seed, model_id, s, r), device) for s, r in cells]
+    gens = [make_generator(spec.rng, cell_seed(spec.seed, model_id, s, r), device) for s, r in cells]
     correct = torch.zeros(len(cells), dtype=torch.int64, device=device)
     for start in range(0, len(test), spec.batch_size):
         x = test.x[start : start + spec.batch_size].to(device)

@@ -100,6 +100,17 @@ class NoisyRecurrent(nn.Module):
         batch = xp.shape[1]
         h = xp.new_zeros(batch, self.hidden_size)
         c = xp.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
+        fused = None if observer is not None else _fused_kernel(self, noise, generator, xp)
+        if fused is not None:
+            lib, sigma = fused
+            for xp_t in xp.unbind(0):
+                pre = torch.addmm(xp_t, h, w_h.t())
+                start = generator.take(pre.numel()) if sigma else 0
+                if self.arch == "lstm":  # c and h are updated in place (h was consumed above)
+                    lib.dni_lstm_step(pre.data_ptr(), c.data_ptr(), h.data_ptr(), batch, self.hidden_size, generator.key, start, sigma)
+                else:
+                    lib.dni_rnn_step(pre.data_ptr(), h.data_ptr(), batch, self.hidden_size, generator.key, start, sigma)
+            return noise(self.fc(h), generator)
         for t, xp_t in enumerate(xp.unbind(0)):
             # Eq. (2): g(W·[x_t, h_{t-1}] + b + z), one draw per pre-activation element.
             pre = noise(torch.addmm(xp_t, h, w_h.t()), generator)
@@ -144,6 +155,26 @@ class NoisyLSTM(NoisyRecurrent):
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, c
+
+
+def _fused_kernel(model: NoisyRecurrent, noise: NoiseModel, generator, xp: torch.Tensor):
+    """(library, sigma) when the compiled fused step applies, else None.
+
+    It applies to inference (no autograd) on CPU in fp32 with additive Gaussian noise from
+    a Philox stream: it computes the same pre-activation + noise and gate maths as
+    :meth:`NoisyRecurrent.step`, drawing the same samples, in one pass over memory.
+    """
+    from dni import kernels
+    from dni.noise import AdditiveGaussian, PhiloxGenerator
+
+    if not (isinstance(noise, AdditiveGaussian) and isinstance(generator, PhiloxGenerator)):
+        return None
+    if torch.is_grad_enabled() or xp.device.type != "cpu" or xp.dtype != torch.float32 or model.hidden_size % 4:
+        return None
+    if type(model).step not in (NoisyLSTM.step, NoisyRNN.step):
+        return None  # a subclass with its own cell maths
+    lib = kernels.library()
+    return None if lib is None else (lib, float(noise.sigma))
 
 
 _MODELS: dict[str, type[NoisyRecurrent]] = {"lstm": NoisyLSTM, "rnn": NoisyRNN}

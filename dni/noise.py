@@ -25,8 +25,9 @@ class NoiseModel(Protocol):
     def is_noiseless(self) -> bool:
         """True when the model leaves every pre-activation unchanged."""
 
-    def __call__(self, pre: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Return the perturbed pre-activation (fresh draws on every call)."""
+    def __call__(self, pre: torch.Tensor, generator: "Generator") -> torch.Tensor:
+        """Return the perturbed pre-activation (fresh draws on every call). May update
+        ``pre`` in place when it does not require gradients."""
 
 
 def check_sigma(sigma: float, name: str = "sigma") -> float:
@@ -40,14 +41,59 @@ def check_sigma(sigma: float, name: str = "sigma") -> float:
     return value
 
 
+class PhiloxGenerator:
+    """A counter-based N(0, 1) stream: Philox4x32-10 + Box-Muller (``dni/csrc``).
+
+    The stream is fixed by its key (a seed); :meth:`take` hands out consecutive ranges of
+    it, so the samples depend only on the seed and on the order of the draws, never on
+    threads, processes or the device. On CPU the compiled kernel produces ~2x more
+    samples per second than ``torch.randn``; elsewhere (or without a C compiler) a torch
+    implementation draws the same stream.
+    """
+
+    def __init__(self, seed: int):
+        self.key = int(seed) & 0xFFFFFFFFFFFFFFFF
+        self.counter = 0  # next Philox block
+
+    def take(self, n: int) -> int:
+        """Reserve the next ``n`` samples; return the block they start at."""
+        start = self.counter
+        self.counter += (n + 3) // 4
+        return start
+
+    def normal(self, shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        out = torch.empty(shape, device=device, dtype=torch.float32)
+        self.add_normal_(out, 1.0, overwrite=True)
+        return out.to(dtype)
+
+    def add_normal_(self, t: torch.Tensor, scale: float, overwrite: bool = False) -> torch.Tensor:
+        """``t += scale * z`` (or ``t = scale * z``) in place, z the next ``t.numel()`` samples."""
+        from dni import kernels
+
+        start = self.take(t.numel())
+        lib = kernels.library()
+        if lib is not None and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous():
+            lib.dni_normal(t.data_ptr(), t.numel(), self.key, start, float(scale), 0 if overwrite else 1)
+            return t
+        z = kernels.normal_torch(t.numel(), self.key, start, t.device).view(t.shape).to(t.dtype)
+        return t.copy_(z * scale) if overwrite else t.add_(z, alpha=scale)
+
+
+#: Sources of noise a layer accepts: torch's generators or dni's Philox stream.
+Generator = torch.Generator | PhiloxGenerator | None
+
+
 def gaussian(
     shape: torch.Size | tuple[int, ...],
-    generator: torch.Generator | None,
+    generator: Generator,
     *,
     device: torch.device,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Standard normal samples N(0, 1) from ``generator`` (the one place dni draws them)."""
+    if isinstance(generator, PhiloxGenerator):
+        return generator.normal(tuple(shape), device, dtype)
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
@@ -69,17 +115,30 @@ class AdditiveGaussian:
     def is_noiseless(self) -> bool:
         return self.sigma == 0.0
 
-    def __call__(self, pre: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def __call__(self, pre: torch.Tensor, generator: Generator) -> torch.Tensor:
         if self.sigma == 0.0:
             return pre
-        z = gaussian(pre.shape, generator, device=pre.device, dtype=pre.dtype)
-        if pre.requires_grad:
-            return pre + self.sigma * z
-        # Inference: no autograd graph to protect, so update in place and save a tensor.
-        return pre.add_(z, alpha=self.sigma)
+        if not pre.requires_grad:
+            # Inference: no autograd graph to protect, so update in place and save a tensor.
+            if isinstance(generator, PhiloxGenerator):
+                return generator.add_normal_(pre, self.sigma)
+            return pre.add_(gaussian(pre.shape, generator, device=pre.device, dtype=pre.dtype), alpha=self.sigma)
+        return pre + self.sigma * gaussian(pre.shape, generator, device=pre.device, dtype=pre.dtype)
 
 
 NOISE_KINDS = ("additive",)
+RNGS = ("philox", "torch")
+
+
+def make_generator(rng: str, seed: int, device: torch.device | str = "cpu") -> Generator:
+    """A noise source by name: ``philox`` (dni's counter-based stream) or ``torch``."""
+    if rng == "philox":
+        return PhiloxGenerator(seed)
+    if rng == "torch":
+        gen = torch.Generator(device=torch.device(device))
+        gen.manual_seed(seed)
+        return gen
+    raise SpecError(f"unknown generator {rng!r}; choose one of {', '.join(RNGS)}")
 
 
 def make_noise(kind: str, sigma: float) -> NoiseModel:

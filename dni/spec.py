@@ -18,7 +18,7 @@ from typing import Any
 from dni.data import DATASETS, STROKE_REPRS
 from dni.errors import SpecError
 from dni.models import ARCHS
-from dni.noise import NOISE_KINDS, check_sigma
+from dni.noise import NOISE_KINDS, RNGS, check_sigma
 
 SPEC_VERSION = 1
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -120,6 +120,7 @@ class EvalSpec:
     limit_test: int | None = None  # first N test digits; None = all 10,000
     batch_size: int = 1000  # part of the spec: it fixes how noise draws map to samples
     seed: int = 0
+    rng: str = "philox"  # noise generator: philox (dni's counter-based stream) or torch
 
     def __post_init__(self) -> None:
         grid = tuple(canonical_float(check_sigma(s, "sigma_val")) for s in self.sigma_val)
@@ -130,6 +131,7 @@ class EvalSpec:
         _check_int("batch_size", self.batch_size, 1)
         _check_int("seed", self.seed, 0)
         _check_choice("noise model", self.noise, NOISE_KINDS)
+        _check_choice("generator", self.rng, RNGS)
         if self.limit_test is not None:
             _check_int("limit_test", self.limit_test, 1)
 
@@ -140,7 +142,7 @@ class EvalSpec:
     @property
     def protocol(self) -> dict[str, Any]:
         """The fields that fix the numbers of one cell (not which cells are wanted)."""
-        return {"noise": self.noise, "limit_test": self.limit_test, "batch_size": self.batch_size, "seed": self.seed}
+        return {"noise": self.noise, "limit_test": self.limit_test, "batch_size": self.batch_size, "seed": self.seed, "rng": self.rng}
 
     @property
     def protocol_id(self) -> str:

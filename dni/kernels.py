@@ -1,0 +1,137 @@
+"""The compiled CPU kernels of dni (``dni/csrc/philox_normal.c``) and their fallbacks.
+
+The C file is compiled with the machine's C compiler on first use (``cc -O3
+-march=native``) into ``<cache>/kernels/<hash>/``, keyed by the source, the compiler and
+the CPU, and loaded with ctypes. Where no compiler is available or the build fails,
+:func:`available` is False and dni uses the pure-torch implementation below, which draws
+the *same* Philox stream (same uniform bits); its normals agree with the compiled ones to
+float rounding. ``DNI_NO_KERNELS=1`` forces the fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+_SRC = Path(__file__).parent / "csrc" / "philox_normal.c"
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd", "-fPIC", "-shared"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_error: str | None = None
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            lines = [ln for ln in fh if ln.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def _build_dir() -> Path:
+    from dni.data import cache_dir
+
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha256(_SRC.read_bytes() + " ".join([cc, *_FLAGS, platform.machine(), _cpu_id()]).encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / key
+
+
+def _compile() -> ctypes.CDLL:
+    out_dir = _build_dir()
+    lib_path = out_dir / "libdni_kernels.so"
+    if not lib_path.is_file():
+        cc = os.environ.get("CC", "cc")
+        if shutil.which(cc) is None:
+            raise OSError(f"no C compiler ({cc}) found")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+        os.close(fd)
+        try:
+            res = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC)], capture_output=True, text=True, timeout=120)
+            if res.returncode != 0:
+                raise OSError(f"compiling {_SRC.name} failed: {res.stderr.strip()[:500]}")
+            os.replace(tmp, lib_path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(lib_path))
+    f32p, i64, u64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float
+    lib.dni_normal.argtypes = [f32p, i64, u64, u64, f32, ctypes.c_int]
+    lib.dni_lstm_step.argtypes = [f32p, f32p, f32p, i64, i64, u64, u64, f32]
+    lib.dni_rnn_step.argtypes = [f32p, f32p, i64, i64, u64, u64, f32]
+    lib.dni_philox4x32_10.argtypes = [ctypes.c_void_p] * 3
+    for fn in (lib.dni_normal, lib.dni_lstm_step, lib.dni_rnn_step, lib.dni_philox4x32_10):
+        fn.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be built (see :func:`build_error`)."""
+    global _lib, _tried, _error
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            if os.environ.get("DNI_NO_KERNELS") == "1":
+                _error = "disabled by DNI_NO_KERNELS=1"
+            else:
+                try:
+                    _lib = _compile()
+                except (OSError, subprocess.SubprocessError) as exc:
+                    _error = str(exc)
+            _tried = True
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def build_error() -> str | None:
+    library()
+    return _error
+
+
+# --------------------------------------------------------------------------- pure torch
+
+
+_M0, _M1, _W0, _W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+_MASK = 0xFFFFFFFF
+
+
+def philox_blocks_torch(key: int, counter: int, nblocks: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Philox4x32-10 blocks ``counter .. counter + nblocks - 1`` of ``key``: int64 (nblocks, 4)."""
+    cnt = torch.arange(nblocks, dtype=torch.int64, device=device) + counter
+    c0, c1 = cnt & _MASK, (cnt >> 32) & _MASK
+    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
+    k0, k1 = key & _MASK, (key >> 32) & _MASK
+    for _ in range(10):
+        p0, p1 = c0 * _M0, c2 * _M1  # < 2^64: exact in int64 two's complement, bits kept by masking
+        hi0, lo0 = (p0 >> 32) & _MASK, p0 & _MASK
+        hi1, lo1 = (p1 >> 32) & _MASK, p1 & _MASK
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _W0) & _MASK, (k1 + _W1) & _MASK
+    return torch.stack([c0, c1, c2, c3], dim=1)
+
+
+def normal_torch(n: int, key: int, counter: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The first ``n`` samples of the Philox/Box-Muller stream, computed with torch ops."""
+    blocks = philox_blocks_torch(key, counter, (n + 3) // 4, device).to(torch.float64)
+    inv32 = 2.0**-32
+    u1a, va, u1b, vb = (blocks[:, 0] + 0.5) * inv32, blocks[:, 1] * inv32, (blocks[:, 2] + 0.5) * inv32, blocks[:, 3] * inv32
+    ra, rb = torch.sqrt(-2 * torch.log(u1a)), torch.sqrt(-2 * torch.log(u1b))
+    z = torch.stack([ra * torch.cos(2 * math.pi * va), ra * torch.sin(2 * math.pi * va),
+                     rb * torch.cos(2 * math.pi * vb), rb * torch.sin(2 * math.pi * vb)], dim=1)
+    return z.reshape(-1)[:n].to(torch.float32)

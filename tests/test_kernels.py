@@ -1,0 +1,149 @@
+"""Validation of dni's Philox/Box-Muller noise generator and the fused step kernels."""
+
+import ctypes
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dni import kernels
+from dni.models import build_model
+from dni.noise import AdditiveGaussian, PhiloxGenerator
+
+N = 2_000_000
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = kernels.library()
+    if lib is None:
+        pytest.fail(f"the C kernels did not build: {kernels.build_error()}")
+    return lib
+
+
+def _stream(seed, n=N, start=0):
+    g = PhiloxGenerator(seed)
+    g.counter = start
+    return g.normal((n,), torch.device("cpu"), torch.float32).numpy().astype(np.float64)
+
+
+def test_philox_known_answers(lib):
+    # Random123's known-answer vectors for philox4x32_10.
+    cases = [
+        ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+        ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+        ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0], [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
+    ]
+    for ctr, key, expected in cases:
+        c, k, out = (np.array(v, dtype=np.uint32) for v in (ctr, key, [0, 0, 0, 0]))
+        lib.dni_philox4x32_10(c.ctypes.data, k.ctypes.data, out.ctypes.data)
+        assert out.tolist() == expected
+
+
+def test_torch_implementation_draws_the_same_stream(lib):
+    key, start = 0x123456789ABCDEF, 2**33 - 5  # counter crossing 32 bits
+    blocks = kernels.philox_blocks_torch(key, start, 64)
+    for j in (0, 5, 63):
+        c = np.array([(start + j) & 0xFFFFFFFF, (start + j) >> 32, 0, 0], dtype=np.uint32)
+        k = np.array([key & 0xFFFFFFFF, key >> 32], dtype=np.uint32)
+        out = np.zeros(4, dtype=np.uint32)
+        lib.dni_philox4x32_10(c.ctypes.data, k.ctypes.data, out.ctypes.data)
+        assert out.tolist() == blocks[j].tolist()
+    compiled = _stream(key, 4001, start)
+    np.testing.assert_allclose(kernels.normal_torch(4001, key, start).numpy(), compiled, rtol=1e-5, atol=2e-6)
+
+
+def test_moments_and_distribution(lib):
+    z = _stream(1)
+    se = 1 / math.sqrt(N)
+    assert abs(z.mean()) < 5 * se
+    assert abs(z.var() - 1) < 5 * math.sqrt(2) * se
+    assert abs(stats.skew(z)) < 5 * math.sqrt(6) * se
+    assert abs(stats.kurtosis(z)) < 5 * math.sqrt(24) * se
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    # tail probabilities against the exact normal ones (binomial standard errors)
+    for t in (1.0, 2.0, 3.0, 4.0):
+        p = 2 * stats.norm.sf(t)
+        assert abs((np.abs(z) > t).mean() - p) < 5 * math.sqrt(p * (1 - p) / N), t
+    # chi-square over 100 equiprobable bins
+    edges = stats.norm.ppf(np.linspace(0, 1, 101)[1:-1])
+    counts = np.bincount(np.searchsorted(edges, z), minlength=100)
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def _corr(a, b):
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def test_independence_across_steps_samples_and_repeats(lib):
+    z = _stream(2, 4 * 512 * 1000).reshape(4, 1000, 512)  # (step, sample, unit)
+    bound = 5 / math.sqrt(1000 * 512)
+    assert abs(_corr(z[0].ravel(), z[1].ravel())) < bound  # consecutive steps
+    assert abs(_corr(z[0, :-1].ravel(), z[0, 1:].ravel())) < bound  # neighbouring samples
+    assert abs(_corr(z[0, :, :-1].ravel(), z[0, :, 1:].ravel())) < bound  # neighbouring units, incl. Box-Muller pairs
+    assert abs(_corr(z[0, :, 0::2].ravel() ** 2, z[0, :, 1::2].ravel() ** 2)) < bound  # pairs share a radius: check squares
+    from dni.evaluate import cell_seed
+
+    r0 = _stream(cell_seed(0, "m", 0.5, 0), 500_000)
+    r1 = _stream(cell_seed(0, "m", 0.5, 1), 500_000)
+    assert abs(_corr(r0, r1)) < 5 / math.sqrt(500_000)  # repeats
+    assert not np.array_equal(r0[:100], r1[:100])
+
+
+def test_lag_autocorrelation(lib):
+    z = _stream(3, 1_000_000)
+    for lag in (1, 2, 3, 4, 5, 8, 128, 512):
+        assert abs(_corr(z[:-lag], z[lag:])) < 5 / math.sqrt(len(z)), lag
+
+
+def test_same_seed_same_samples_however_the_stream_is_cut(lib):
+    whole = _stream(7, 10_000)
+    g = PhiloxGenerator(7)
+    parts = [g.normal((n,), torch.device("cpu"), torch.float32).numpy() for n in (4, 1000, 3996, 5000)]
+    np.testing.assert_array_equal(np.concatenate(parts), whole.astype(np.float32))
+
+
+def _worker_stream(seed):
+    return _stream(seed, 1000).tolist()
+
+
+def test_same_samples_in_worker_processes(lib):
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        a, b = pool.map(_worker_stream, [11, 12])
+    assert a == _stream(11, 1000).tolist()
+    assert abs(_corr(np.array(a), np.array(b))) < 0.2 and a != b
+
+
+@pytest.mark.parametrize("arch,inputs", [("lstm", 28), ("lstm", 2), ("rnn", 28)])
+def test_fused_step_equals_the_generic_path(lib, arch, inputs, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(arch, inputs)
+    x = torch.rand(64, 28 if inputs == 28 else 50, inputs)
+    noise = AdditiveGaussian(0.8)
+    with torch.no_grad():
+        fused = model(x, noise, PhiloxGenerator(5))
+        monkeypatch.setattr("dni.models._fused_kernel", lambda *a: None)
+        generic = model(x, noise, PhiloxGenerator(5))
+    torch.testing.assert_close(fused, generic, rtol=1e-4, atol=1e-4)
+
+
+def test_fallback_without_a_compiler_gives_the_same_results(tmp_path):
+    code = (
+        "import torch; from dni.models import build_model; from dni.noise import AdditiveGaussian, PhiloxGenerator; "
+        "from dni import kernels; torch.manual_seed(0); m = build_model('lstm', 28); x = torch.rand(32, 28, 28); "
+        "y = m(x, AdditiveGaussian(0.5), PhiloxGenerator(9)).detach(); print(kernels.available(), *y.flatten().tolist())"
+    )
+    outs = []
+    for env in ({"DNI_NO_KERNELS": "1"}, {}):
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**__import__("os").environ, **env})
+        assert res.returncode == 0, res.stderr
+        outs.append(res.stdout.split())
+    assert outs[0][0] == "False" and outs[1][0] == "True"
+    np.testing.assert_allclose(np.array(outs[0][1:], float), np.array(outs[1][1:], float), rtol=1e-4, atol=1e-4)
