@@ -379,6 +379,20 @@ def list_cli(store: StoreOpt = Path("store")):
         out.print(table)
 
 
+@app.command("bench")
+def bench_cli(
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch threads (default: torch's, i.e. all cores).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller GEMM for the peak measurement.")] = False,
+    workers: Annotated[bool, typer.Option("--workers/--no-workers", help="Also compare 2 processes x 1 thread with 1 x 2.")] = True,
+):
+    """Benchmark noisy inference and training against fused torch and a naive noisy loop."""
+    from dni.bench import run, summary_line
+
+    with user_errors():
+        result = run(threads, quick, workers, log=out.print)
+        print(summary_line(result))
+
+
 def main() -> None:
     """Console entry point."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -1,0 +1,183 @@
+"""``dni bench``: throughput of dni's noisy inference and training against references.
+
+Measured side by side in one process (same threads, same shapes):
+
+* the fp32 GEMM peak (``F.linear`` on 4096x4096 matrices, oneDNN);
+* fused, noise-free ``torch.nn.LSTM`` / ``nn.RNN`` inference (batch 1000) and training
+  (batch 128, forward + backward + Adam);
+* the straightforward noisy baseline: one pass per (sigma_val, repeat), an eager per-step
+  cell computing ``x_t W_x^T + h W_h^T + b``, ``torch.randn`` noise;
+* dni's noisy inference (shared input projection, Philox noise, fused step kernel) and
+  dni's noisy training step.
+
+It ends with one JSON line of throughputs and ratios: ``noisy_vs_fused`` (goal >= 1),
+``noisy_vs_naive`` (goal >= 5), ``train_vs_fused`` (goal >= 1), ``frac_of_peak``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import torch
+import torch.nn.functional as F
+
+from dni import kernels
+from dni.models import build_model
+from dni.noise import AdditiveGaussian, PhiloxGenerator
+
+SHAPES = {"rows": (28, 28), "strokes": (50, 2)}
+H = 128
+
+
+def _time(fn: Callable[[], object], min_time: float = 1.0, reps: int = 3) -> float:
+    """Best seconds per call over ``reps`` rounds of at least ``min_time`` each."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_time:
+                break
+        best = min(best, elapsed / n)
+    return best
+
+
+def gemm_peak(n: int = 4096) -> float:
+    """fp32 GFLOP/s of ``F.linear`` on n x n matrices."""
+    a, w = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / _time(lambda: F.linear(a, w), 0.5) / 1e9
+
+
+def naive_noisy(model, x: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
+    """The straightforward implementation: everything per step, torch.randn noise."""
+    i = model.input_size
+    w_x, w_h = model.weight[:, :i], model.weight[:, i:]
+    h = x.new_zeros(x.shape[0], model.hidden_size)
+    c = torch.zeros_like(h)
+    for t in range(x.shape[1]):
+        pre = x[:, t] @ w_x.T + h @ w_h.T + model.bias
+        pre = pre + sigma * torch.randn(pre.shape, generator=gen)
+        if model.arch == "lstm":
+            i_, f_, g_, o_ = pre.chunk(4, 1)
+            c = torch.sigmoid(f_) * c + torch.sigmoid(i_) * torch.tanh(g_)
+            h = torch.sigmoid(o_) * torch.tanh(c)
+        else:
+            h = torch.tanh(pre)
+    logits = model.fc(h)
+    return logits + sigma * torch.randn(logits.shape, generator=gen)
+
+
+def _flops(arch: str, steps: int, inputs: int) -> float:
+    """Multiply-add FLOPs of one sequence (input + recurrent products + output layer)."""
+    gates = 4 if arch == "lstm" else 1
+    return 2 * steps * gates * H * (inputs + H) + 2 * H * 10
+
+
+def inference(arch: str, data: str, batch: int = 1000, cells: int = 8) -> dict[str, float]:
+    """Sequences/s of fused noise-free torch, the naive noisy loop and dni (per noisy pass)."""
+    steps, inputs = SHAPES[data]
+    torch.manual_seed(0)
+    model = build_model(arch, inputs).eval()
+    x = torch.rand(batch, steps, inputs)
+    ref = (torch.nn.LSTM if arch == "lstm" else torch.nn.RNN)(inputs, H, batch_first=True).eval()
+    noise = AdditiveGaussian(0.5)
+    with torch.no_grad():
+        t_fused = _time(lambda: model.fc(ref(x)[0][:, -1]))
+        gen = torch.Generator().manual_seed(0)
+        t_naive = _time(lambda: naive_noisy(model, x, 0.5, gen))
+
+        def dni_cells():  # as in dni.evaluate.run_cells: one projection, many noisy passes
+            xp = model.project(x)
+            for k in range(cells):
+                model.recur(xp, noise, PhiloxGenerator(k))
+
+        t_dni = _time(dni_cells) / cells
+    return {"fused": batch / t_fused, "naive": batch / t_naive, "dni": batch / t_dni,
+            "dni_gflops": batch * _flops(arch, steps, inputs) / t_dni / 1e9}
+
+
+def training(arch: str, data: str, batch: int = 128) -> dict[str, float]:
+    """Training steps/s (forward + backward + Adam) of fused torch and of dni with noise."""
+    steps, inputs = SHAPES[data]
+    torch.manual_seed(0)
+    x, y = torch.rand(batch, steps, inputs), torch.randint(0, 10, (batch,))
+    ref = (torch.nn.LSTM if arch == "lstm" else torch.nn.RNN)(inputs, H, batch_first=True)
+    fc = torch.nn.Linear(H, 10)
+    opt_ref = torch.optim.Adam([*ref.parameters(), *fc.parameters()])
+
+    def step_ref():
+        loss = F.cross_entropy(fc(ref(x)[0][:, -1]), y)
+        opt_ref.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_ref.step()
+
+    model = build_model(arch, inputs)
+    opt = torch.optim.Adam(model.parameters())
+    noise, gen = AdditiveGaussian(0.5), torch.Generator().manual_seed(0)
+
+    def step_dni():
+        loss = F.cross_entropy(model(x, noise, gen), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return {"fused": 1 / _time(step_ref), "dni": 1 / _time(step_dni)}
+
+
+def _worker_throughput(args) -> float:
+    arch, data, threads = args
+    torch.set_num_threads(threads)
+    return inference(arch, data)["dni"]
+
+
+def workers(arch: str = "lstm", data: str = "rows") -> dict[str, float]:
+    """dni's noisy throughput: 1 process x 2 threads vs 2 processes x 1 thread (summed)."""
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        one = pool.submit(_worker_throughput, (arch, data, 2)).result()
+    with ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        two = sum(pool.map(_worker_throughput, [(arch, data, 1)] * 2))
+    return {"1x2": one, "2x1": two}
+
+
+def run(threads: int | None = None, quick: bool = False, with_workers: bool = True, log=print) -> dict:
+    """Run every measurement; return the JSON-able summary."""
+    if threads:
+        torch.set_num_threads(threads)
+    result: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": kernels.available()}
+    peak = gemm_peak(2048 if quick else 4096)
+    result["gemm_peak_gflops"] = peak
+    log(f"fp32 GEMM peak (F.linear): {peak:.0f} GFLOP/s with {torch.get_num_threads()} thread(s); compiled kernels: {kernels.available()}")
+    log(f"{'shape':16s} {'fused torch':>12s} {'naive noisy':>12s} {'dni noisy':>12s} {'vs fused':>9s} {'vs naive':>9s} {'% peak':>7s}   (sequences/s, batch 1000)")
+    cases = [("lstm", "rows"), ("lstm", "strokes"), ("rnn", "rows")]
+    for arch, data in cases:
+        r = inference(arch, data)
+        r.update(noisy_vs_fused=r["dni"] / r["fused"], noisy_vs_naive=r["dni"] / r["naive"], frac_of_peak=r["dni_gflops"] / peak)
+        result[f"infer_{arch}_{data}"] = r
+        log(f"{arch + ' ' + data:16s} {r['fused']:12.0f} {r['naive']:12.0f} {r['dni']:12.0f} {r['noisy_vs_fused']:9.2f} {r['noisy_vs_naive']:9.2f} {100 * r['frac_of_peak']:6.1f}%")
+    log(f"{'shape':16s} {'fused torch':>12s} {'dni noisy':>12s} {'ratio':>9s}   (training steps/s, batch 128)")
+    for arch, data in cases:
+        r = training(arch, data)
+        r["train_vs_fused"] = r["dni"] / r["fused"]
+        result[f"train_{arch}_{data}"] = r
+        log(f"{arch + ' ' + data:16s} {r['fused']:12.1f} {r['dni']:12.1f} {r['train_vs_fused']:9.2f}")
+    if with_workers:
+        w = workers()
+        result["workers_lstm_rows"] = w
+        log(f"dni noisy LSTM rows, whole machine: 1 process x 2 threads {w['1x2']:.0f} seq/s, 2 processes x 1 thread {w['2x1']:.0f} seq/s ({w['2x1'] / w['1x2']:.2f}x)")
+    for key in ("noisy_vs_fused", "noisy_vs_naive", "frac_of_peak"):
+        result[key] = {f"{a}_{d}": result[f"infer_{a}_{d}"][key] for a, d in cases}
+    result["train_vs_fused"] = {f"{a}_{d}": result[f"train_{a}_{d}"]["train_vs_fused"] for a, d in cases}
+    return result
+
+
+def summary_line(result: dict) -> str:
+    return json.dumps(result, sort_keys=True, default=float)
