@@ -259,6 +259,7 @@ def evaluate_cli(
     seed: Annotated[int, typer.Option(help="Seed of the inference noise.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Test digits per batch (fixes the noise layout).")] = 1000,
     rng: RngOpt = "philox",
+    record_states: Annotated[bool, typer.Option("--record-states", help="Also record per-step histograms of h_t and c_t (repeat 0) in the store.")] = False,
     out_csv: Annotated[Optional[Path], typer.Option("--out", help="Write the tidy results (one row per repeat) here.")] = None,
     summary_csv: Annotated[Optional[Path], typer.Option("--summary", help="Write the summary (mean, std, 95% CI) here; default: <out>-summary.csv.")] = None,
     data_dir: DataDirOpt = None,
@@ -277,8 +278,16 @@ def evaluate_cli(
         ids = [st.resolve(m) for m in model] if model else st.model_ids()
         if not ids:
             raise DniError(f"no trained models in store {st.root}; run `dni train` first")
-        results = evaluate(st, list(dict.fromkeys(ids)), ev, data_dir, resolve_device(device), _reporter())
+        ids = list(dict.fromkeys(ids))
+        results = evaluate(st, ids, ev, data_dir, resolve_device(device), _reporter())
         summary = summarize(results)
+        if record_states:
+            from dni.states import record_states as record
+
+            for mid in ids:
+                for sigma in ev.sigma_val:
+                    record(st, mid, ev, sigma, data_dir, resolve_device(device))
+            out.print(f"recorded state histograms in {st.root / 'models'}/<model>/states/")
         if out_csv is not None:
             write_csv(out_csv, results)
             summary_csv = summary_csv or out_csv.with_name(out_csv.stem + "-summary.csv")
@@ -391,6 +400,199 @@ def bench_cli(
     with user_errors():
         result = run(threads, quick, workers, log=out.print)
         print(summary_line(result))
+
+
+@app.command("reproduce")
+def reproduce_cli(
+    preset: Annotated[str, typer.Option(help="smoke (minutes, CI) or paper (the full protocol, hours on a CPU).")] = "smoke",
+    store: Annotated[Optional[Path], typer.Option("--store", help="Checkpoint store (default: <results>/store).")] = None,
+    results: Annotated[Path, typer.Option("--results", help="Directory for the tables and comparison.md.")] = Path("results"),
+    figures_dir: Annotated[Path, typer.Option("--figures", help="Directory for the figures.")] = Path("figures"),
+    executor: Annotated[str, typer.Option(help="local or slurm.")] = "local",
+    jobs: Annotated[Optional[int], typer.Option(min=1, help="Local worker processes (default: one per core, or per GPU).")] = None,
+    threads: ThreadsOpt = None,
+    partition: Annotated[Optional[str], typer.Option(help="Slurm partition.")] = None,
+    time_min: Annotated[int, typer.Option("--time-min", help="Slurm time limit per job (minutes).")] = 120,
+    gpus: Annotated[int, typer.Option(help="Slurm GPUs per job.")] = 0,
+    cpus: Annotated[int, typer.Option(help="Slurm CPUs per job.")] = 1,
+    mem_gb: Annotated[float, typer.Option("--mem-gb", help="Slurm memory per job (GB).")] = 4.0,
+    slurm_config: Annotated[Optional[Path], typer.Option("--slurm-config", help="JSON file of extra submitit slurm_* parameters.")] = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = "auto",
+):
+    """Reproduce the paper end to end: sweeps, state histograms, weights, Figs. 2-10, comparison."""
+    from dni.paper import PRESETS, reproduce
+    from dni.store import Store
+
+    with user_errors():
+        if preset not in PRESETS:
+            raise SpecError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        p = PRESETS[preset]
+        st = Store(store or results / "store")
+        ex = make_executor(executor, jobs, threads, device, data_dir, partition, time_min, gpus, cpus, mem_gb, slurm_config)
+        out.print(f"preset {p.name}: {p.description}")
+        res = reproduce(p, st, results, figures_dir, ex, data_dir, str(resolve_device(device)), _reporter())
+        prov = res["provenance"]
+        out.print(f"done in {prov['this_run_seconds']:.0f}s: {len(res['figures'])} figure files in {figures_dir}, "
+                  f"tables and comparison.md in {results}")
+
+
+@app.command("plot")
+def plot_cli(
+    which: Annotated[str, typer.Argument(help="fig2 ... fig10, or all.")],
+    results: Annotated[Path, typer.Option("--results", help="Directory with the reproduction's tables.")] = Path("results"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the PNG and PDF files.")] = Path("figures"),
+):
+    """Draw the paper's figures from the tables of a reproduction (no recomputation)."""
+    from dni.paper import FIGURES, draw_figure
+
+    with user_errors():
+        if which == "all":
+            numbers = sorted(FIGURES)
+        elif which.startswith("fig") and which[3:].isdigit():
+            numbers = [int(which[3:])]
+        else:
+            raise SpecError(f"unknown figure {which!r}; use fig2 ... fig10 or all")
+        for n in numbers:
+            files = draw_figure(n, results, out_dir)
+            out.print(f"fig{n}: {', '.join(str(f) for f in files)}")
+
+
+@app.command("compare")
+def compare_cli(
+    results: Annotated[Path, typer.Option("--results", help="Directory with the reproduction's tables.")] = Path("results"),
+):
+    """Write <results>/comparison.md: the paper's numbers beside ours, with confidence intervals."""
+    from dni.paper import comparison_markdown
+
+    with user_errors():
+        text = comparison_markdown(results)
+        (results / "comparison.md").write_text(text)
+        out.print(text, markup=False, highlight=False)
+
+
+def _summary_for(summary_csv: Path | None, store: Path, arch, data):
+    import pandas as pd
+
+    from dni.store import Store
+
+    if summary_csv is not None:
+        try:
+            return pd.read_csv(summary_csv)
+        except (OSError, ValueError) as exc:
+            raise DniError(f"cannot read {summary_csv}: {exc}") from None
+    from dni.sweep import registered
+
+    st = Store(store)
+    frames = [pd.read_csv(st.root / "sweeps" / sw.sweep_id / "summary.csv") for sw in registered(st)
+              if (st.root / "sweeps" / sw.sweep_id / "summary.csv").is_file()]
+    if not frames:
+        raise DniError(f"no summaries in {st.root}: pass --summary FILE (from `dni evaluate --out`) or run `dni sweep`")
+    return pd.concat(frames, ignore_index=True).drop_duplicates()
+
+
+@app.command("plot-accuracy")
+def plot_accuracy_cli(
+    arch: ArchOpt = "lstm",
+    data: DataOpt = "rows",
+    summary_csv: Annotated[Optional[Path], typer.Option("--summary", help="Summary CSV (default: every sweep summary in the store).")] = None,
+    sigma_train: Annotated[Optional[str], typer.Option("--sigma-train", help="Only these sigma_train values (grid).")] = None,
+    store: StoreOpt = Path("store"),
+    out_file: Annotated[Path, typer.Option("--out", help="Output file (.png or .pdf).")] = Path("accuracy.png"),
+):
+    """Accuracy and error rate vs sigma_val, one curve per sigma_train, for any results."""
+    from dni import figures
+    from dni.figdata import accuracy_curves
+    from dni.spec import parse_grid
+
+    with user_errors():
+        summary = _summary_for(summary_csv, store, arch, data)
+        if sigma_train is not None:
+            summary = summary[summary["sigma_train"].isin(parse_grid(sigma_train, "--sigma-train"))]
+        try:
+            curves = accuracy_curves(summary, arch, data)
+        except (ValueError, KeyError) as exc:
+            raise DniError(str(exc)) from None
+        fig = figures.fig_accuracy([(f"{arch}, {data}", curves)])
+        _save_single(fig, out_file)
+
+
+@app.command("plot-histograms")
+def plot_histograms_cli(
+    arch: ArchOpt = "lstm",
+    data: DataOpt = "rows",
+    pair: Annotated[Optional[list[str]], typer.Option("--pair", help="sigma_train,sigma_val (repeatable; default 0,0 0,1 1,1).")] = None,
+    state: Annotated[str, typer.Option(help="h (output states) or c (cell states).")] = "h",
+    store: StoreOpt = Path("store"),
+    limit_test: LimitTestOpt = None,
+    out_file: Annotated[Path, typer.Option("--out", help="Output file (.png or .pdf).")] = Path("states.png"),
+    data_dir: DataDirOpt = None,
+):
+    """Per-step state distributions of stored models (recorded into the store on first use)."""
+    import pandas as pd
+
+    from dni import figures
+    from dni.spec import EvalSpec
+    from dni.states import record_states
+    from dni.store import Store
+
+    with user_errors():
+        if state not in ("h", "c"):
+            raise SpecError("--state must be h or c")
+        pairs = [tuple(float(v) for v in p.split(",")) for p in pair] if pair else [(0.0, 0.0), (0.0, 1.0), (1.0, 1.0)]
+        if any(len(p) != 2 for p in pairs):
+            raise SpecError("--pair takes sigma_train,sigma_val")
+        st = Store(store)
+        ev = EvalSpec(limit_test=limit_test)
+        frames = []
+        for s_train, s_val in pairs:
+            matches = [m for m in st.model_ids() if (sp := st.read_spec(m)).arch == arch and sp.data == data and sp.sigma_train == s_train]
+            if not matches:
+                raise DniError(f"no {arch}/{data} model with sigma_train={s_train:g} in {st.root}")
+            frames.append(record_states(st, matches[0], ev, s_val, data_dir))
+        fig = figures.fig_states(pd.concat(frames), state, f"{arch} {'output' if state == 'h' else 'cell'} states, {data}", pairs)
+        _save_single(fig, out_file)
+
+
+@app.command("plot-weights")
+def plot_weights_cli(
+    arch: ArchOpt = "lstm",
+    data: DataOpt = "rows",
+    sigma_train: Annotated[Optional[str], typer.Option("--sigma-train", help="Only these sigma_train values (grid).")] = None,
+    store: StoreOpt = Path("store"),
+    out_file: Annotated[Path, typer.Option("--out", help="Output file (.png or .pdf).")] = Path("weights.png"),
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write the weight powers here.")] = None,
+):
+    """Weight histograms and expected weight power of stored models."""
+    from dni import figures
+    from dni.figdata import weight_tables
+    from dni.spec import parse_grid
+    from dni.store import Store, write_csv
+
+    with user_errors():
+        st = Store(store)
+        wanted = parse_grid(sigma_train, "--sigma-train") if sigma_train else None
+        ids = [m for m in st.model_ids() if (sp := st.read_spec(m)).arch == arch and sp.data == data
+               and (wanted is None or sp.sigma_train in wanted)]
+        if not ids:
+            raise DniError(f"no {arch}/{data} models in {st.root}")
+        hist, power = weight_tables(st, ids)
+        if csv is not None:
+            write_csv(csv, power)
+        _save_single(figures.fig_weights(hist, power, f"{arch} weights, {data}"), out_file)
+
+
+def _save_single(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path)
+    except (OSError, ValueError) as exc:
+        raise DniError(f"cannot write {path}: {exc}") from None
+    finally:
+        plt.close(fig)
+    out.print(f"wrote {path}")
 
 
 def main() -> None:

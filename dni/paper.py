@@ -1,0 +1,220 @@
+"""The paper's protocol: presets, the end-to-end reproduction, Figures 2-10, the comparison.
+
+``reproduce(preset)`` runs one sweep per architecture (resumable), records the state
+histograms, extracts the weight tables, writes every table into the results directory,
+draws every figure from those tables, and writes ``comparison.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import dni
+from dni.data import stroke_lengths
+from dni.figdata import CASES, PAPER, STATE_PAIRS, comparison_rows, paths, stroke_length_table, weight_tables
+from dni.progress import SilentReporter
+from dni.spec import EvalSpec, TrainSpec, parse_grid
+from dni.states import STATE_COLUMNS, record_states
+from dni.store import Store, read_csv, write_csv
+from dni.sweep import SweepSpec, run_sweep
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A reproduction protocol: the same sweep for each of the paper's three cases."""
+
+    name: str
+    sigma_train: tuple[float, ...]
+    eval: EvalSpec
+    limit_train: int | None = None
+    val_size: int = 5000
+    epochs: int | None = None  # None: the recipe's per-case default
+    description: str = ""
+
+    def sweeps(self) -> list[SweepSpec]:
+        out = []
+        for arch, data in CASES:
+            base = TrainSpec(arch=arch, data=data, epochs=self.epochs, limit_train=self.limit_train, val_size=self.val_size)
+            out.append(SweepSpec(base, self.sigma_train, (0,), self.eval))
+        return out
+
+
+PRESETS = {
+    "paper": Preset(
+        "paper", parse_grid("0:1:0.1"), EvalSpec(sigma_val=parse_grid("0:1:0.1"), repeats=40),
+        description="the full protocol: 3 cases x 11 sigma_train, 11 sigma_val x 40 repeats on all 10,000 test digits",
+    ),
+    "smoke": Preset(
+        "smoke", (0.0, 0.5, 1.0), EvalSpec(sigma_val=parse_grid("0:1:0.25"), repeats=3, limit_test=500),
+        limit_train=3000, val_size=500, epochs=2,
+        description="end-to-end check in minutes: 3 sigma_train, 5 sigma_val x 3 repeats, 3,000 training and 500 test digits, 2 epochs",
+    ),
+}
+
+
+# --------------------------------------------------------------------------- figures
+
+FIGURES = {
+    2: "accuracy and error rate of LSTMs (a) image rows, (b) pen strokes",
+    3: "distributions of the LSTM output states, image rows",
+    4: "distributions of the LSTM internal states, image rows",
+    5: "weight histograms and weight power, LSTM image rows",
+    6: "histogram of stroke-sequence lengths",
+    7: "distributions of the LSTM output states, pen strokes",
+    8: "distributions of the LSTM internal states, pen strokes",
+    9: "weight histograms and weight power, LSTM pen strokes",
+    10: "accuracy and error rate of vanilla RNNs",
+}
+
+
+def _need(path: Path) -> Path:
+    from dni.errors import DniError
+
+    if not path.is_file():
+        raise DniError(f"{path} is missing: run `dni reproduce` (or the sweep that produces it) first")
+    return path
+
+
+def draw_figure(n: int, results: Path, out: Path) -> list[Path]:
+    """Draw paper figure ``n`` from the tables in ``results`` into ``out`` (PNG + PDF)."""
+    from dni import figures
+    from dni.errors import DniError
+
+    if n not in FIGURES:
+        raise DniError(f"no figure {n}; the paper's figures are {min(FIGURES)}-{max(FIGURES)}")
+    summary = lambda a, d: pd.read_csv(_need(paths(results, a, d)["summary"]))  # noqa: E731
+    if n in (2, 10):
+        cases = [("lstm", "rows"), ("lstm", "strokes")] if n == 2 else [("rnn", "rows")]
+        fig = figures.fig_accuracy(figures.accuracy_panels({c: summary(*c) for c in cases}, cases))
+    elif n in (3, 4, 7, 8):
+        data = "rows" if n in (3, 4) else "strokes"
+        states = read_csv(_need(paths(results, "lstm", data)["states"]), STATE_COLUMNS)
+        what = "output states h_t" if n in (3, 7) else "internal states c_t"
+        fig = figures.fig_states(states, "h" if n in (3, 7) else "c", f"Fig. {n}: LSTM {what}, {data}")
+    elif n in (5, 9):
+        data = "rows" if n == 5 else "strokes"
+        p = paths(results, "lstm", data)
+        hist, power = pd.read_csv(_need(p["weights"])), pd.read_csv(_need(p["power"]))
+        power = power[(power["arch"] == "lstm") & (power["data"] == data)]
+        fig = figures.fig_weights(hist, power, f"Fig. {n}: LSTM weights, {data}", PAPER[("lstm", data)]["power"])
+    else:
+        fig = figures.fig_lengths(pd.read_csv(_need(paths(results, "lstm", "strokes")["lengths"])))
+    return figures.save(fig, out, f"fig{n}")
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def comparison_markdown(results: Path, preset_name: str = "") -> str:
+    """``comparison.md``: the paper's numbers beside ours, from the results tables."""
+    power_path = results / "weight-power.csv"
+    power = pd.read_csv(power_path) if power_path.is_file() else None
+    lines = [
+        "# dni vs. the paper",
+        "",
+        "Generated by `dni compare` from the tables in this directory"
+        + (f" (preset `{preset_name}`)" if preset_name else "") + ". Accuracies are means over the",
+        "repeats with their 95% Student-t confidence interval in brackets; Δ is ours minus the paper's,",
+        "in percentage points. Note that the paper reports single numbers without intervals.",
+        "",
+    ]
+    for arch, data in CASES:
+        p = paths(results, arch, data)["summary"]
+        if not p.is_file():
+            continue
+        summary = pd.read_csv(p)
+        n_test = ""
+        res = paths(results, arch, data)["results"]
+        if res.is_file():
+            r = pd.read_csv(res, usecols=["n_test", "repeat"])
+            n_test = f" — {int(r['n_test'].iloc[0]):,} test digits, {int(r['repeat'].max()) + 1} repeats per point"
+        lines += [f"## {arch.upper() if arch == 'lstm' else 'Vanilla RNN'}, {data}{n_test}", "",
+                  "| quantity | paper | dni | Δ (pp) |", "|---|---|---|---|"]
+        for row in comparison_rows(summary, power, arch, data):
+            delta = "" if row["delta_pp"] is None else f"{row['delta_pp']:+.2f}"
+            lines.append(f"| {row['quantity']} | {row['paper']} | {row['ours']} | {delta} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- reproduce
+
+
+def reproduce(
+    preset: Preset,
+    store: Store,
+    results: Path,
+    figures_dir: Path,
+    executor,
+    data_dir=None,
+    device: str = "cpu",
+    reporter=None,
+) -> dict:
+    """Run ``preset`` end to end; everything it finds done in the store is reused."""
+    reporter = reporter or SilentReporter()
+    t0 = time.perf_counter()
+    results.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, float] = {}
+    power_frames = []
+    for sweep in preset.sweeps():
+        arch, data = sweep.base.arch, sweep.base.data
+        p = paths(results, arch, data)
+        t = time.perf_counter()
+        report = run_sweep(store, sweep, executor, reporter)
+        folder = store.root / "sweeps" / report.sweep_id
+        for key, name in (("results", "results.csv"), ("summary", "summary.csv")):
+            write_csv(p[key], pd.read_csv(folder / name))
+        stages[f"sweep {arch} {data}"] = time.perf_counter() - t
+        if arch == "lstm":
+            t = time.perf_counter()
+            frames = []
+            for st, sv in STATE_PAIRS:
+                mid = dataclasses.replace(sweep.base, sigma_train=st, seed=0).model_id
+                frames.append(record_states(store, mid, sweep.eval, sv, data_dir, device))
+            write_csv(p["states"], pd.concat(frames, ignore_index=True))
+            stages[f"states {arch} {data}"] = time.perf_counter() - t
+        hist, power = weight_tables(store, sweep.model_ids())
+        if arch == "lstm":
+            write_csv(p["weights"], hist)
+        power_frames.append(power)
+    write_csv(results / "weight-power.csv", pd.concat(power_frames, ignore_index=True))
+    write_csv(paths(results, "lstm", "strokes")["lengths"], stroke_length_table(stroke_lengths("train", data_dir)))
+    t = time.perf_counter()
+    figures = [f for n in FIGURES for f in draw_figure(n, results, figures_dir)]
+    stages["figures"] = time.perf_counter() - t
+    (results / "comparison.md").write_text(comparison_markdown(results, preset.name))
+    from dni.train import git_commit
+
+    provenance = {
+        "preset": preset.name,
+        "description": preset.description,
+        "dni_version": dni.__version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "executor": executor.describe(),
+        "this_run_seconds": time.perf_counter() - t0,
+        "stages_seconds": stages,
+        "training_seconds_total": _training_seconds(store, preset),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (results / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return {"figures": figures, "provenance": provenance}
+
+
+def _training_seconds(store: Store, preset: Preset) -> float:
+    total = 0.0
+    for sweep in preset.sweeps():
+        for mid in sweep.model_ids():
+            if store.has_model(mid):
+                total += float(store.read_meta(mid).get("wall_time_s", 0.0))
+    return total
