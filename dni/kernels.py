@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).parent / "csrc" / "philox_normal.c"
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd", "-fPIC", "-shared"]
+# No -ffast-math: linked into a shared library it pulls in crtfastmath.o, which switches
+# the whole process (torch and numpy too) to flush subnormals to zero when it is loaded.
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False

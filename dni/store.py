@@ -105,9 +105,15 @@ def remove_stale_temporaries(root: Path) -> list[Path]:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix(path.name), suffix=".tmp")
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+
+    Raises:
+        StoreError: the file cannot be written (read-only or full file system, ...); the
+            old file, if any, is unchanged and no temporary file is left behind.
+    """
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix(path.name), suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             fh.write(data[: len(data) // 2])
             fh.flush()
@@ -117,16 +123,23 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         _fault_point("before-rename")
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        tmp = None
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """Exclusive advisory lock on ``path`` (created if needed), released on exit or crash."""
-    with open(path, "a") as fh:
+    try:
+        fh = open(path, "a")
+    except OSError as exc:
+        raise StoreError(f"cannot lock {path}: {exc.strerror or exc}") from None
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -165,19 +178,18 @@ class Store:
         """Remove what crashed writers left behind (temporary files of dead processes)."""
         return remove_stale_temporaries(self.root)
 
-    def _writable(self, path: Path) -> Path:
+    def writable_dir(self, path: Path) -> Path:
+        """Create ``path`` (inside the store) if needed; a clear StoreError if it cannot be written."""
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot write to store {self.root}: {exc.strerror or exc}") from None
-        if not os.access(path, os.W_OK):
-            raise StoreError(f"cannot write to store {self.root}: permission denied")
         return path
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
         """Serialise work on ``name`` (e.g. a model id) across processes."""
-        locks = self._writable(self.root / "locks")
+        locks = self.writable_dir(self.root / "locks")
         with file_lock(locks / f"{check_id(name)}.lock"):
             yield
 
@@ -208,7 +220,7 @@ class Store:
         dest = self.model_dir(model_id)
         if dest.exists() and not overwrite:
             raise StoreError(f"model {model_id} is already in the store")
-        parent = self._writable(self.models_dir)
+        parent = self.writable_dir(self.models_dir)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         weights = st_save(tensors, metadata={"model_id": model_id})
         meta = {**meta, "model_id": model_id, "weights_sha256": hashlib.sha256(weights).hexdigest()}
@@ -228,9 +240,10 @@ class Store:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, dest)
-        except OSError as exc:
+        except (OSError, StoreError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreError(f"cannot write model {model_id} to {self.root}: {exc.strerror or exc}") from None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise StoreError(f"cannot write model {model_id} to {self.root}: {reason}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return model_id
@@ -295,7 +308,7 @@ class Store:
     def add_cells(self, model_id: str, protocol_id: str, cells: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         """Merge new cells into the stored ones (existing keys win) and write atomically."""
         path = self.eval_path(model_id, protocol_id)
-        self._writable(path.parent)
+        self.writable_dir(path.parent)
         with file_lock(path.with_suffix(".lock")):
             old = read_csv(path, list(cells.columns))
             merged = pd.concat([old, cells], ignore_index=True) if len(old) else cells
@@ -322,5 +335,8 @@ def write_csv(path: Path, df: pd.DataFrame) -> None:
     """Write a CSV atomically (pandas writes the shortest exact repr of each float)."""
     buf = io.StringIO()
     df.to_csv(buf, index=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
     atomic_write(path, buf.getvalue().encode())

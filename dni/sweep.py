@@ -100,7 +100,7 @@ def register(store: Store, sweep: SweepSpec) -> Path:
     """Record the sweep in the store (``sweeps/<id>/sweep.json``) so ``dni status`` knows it."""
     path = store.root / "sweeps" / sweep.sweep_id / "sweep.json"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        store.writable_dir(path.parent)
         atomic_write(path, json.dumps(sweep.to_dict(), indent=2, sort_keys=True).encode())
     return path
 

@@ -79,6 +79,8 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        # Results are bit-identical only for the same thread count (BLAS reduction order).
+        "torch_threads": torch.get_num_threads(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -147,3 +147,10 @@ def test_fallback_without_a_compiler_gives_the_same_results(tmp_path):
         outs.append(res.stdout.split())
     assert outs[0][0] == "False" and outs[1][0] == "True"
     np.testing.assert_allclose(np.array(outs[0][1:], float), np.array(outs[1][1:], float), rtol=1e-4, atol=1e-4)
+
+
+def test_loading_the_kernels_keeps_subnormal_floats(lib):
+    """The library must not switch the process to flush-to-zero (as -ffast-math would)."""
+    tiny = np.float32(1e-40)  # subnormal in float32
+    assert tiny * np.float32(1.0) != 0
+    assert (torch.tensor([1e-40], dtype=torch.float32) * 1.0).item() != 0

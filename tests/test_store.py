@@ -94,7 +94,7 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, mon
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(StoreError, match="disk full"):
         atomic_write(target, b"new content")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.csv"]

@@ -74,11 +74,22 @@ def test_two_processes_never_train_the_same_model_twice(tmp_path, fixture_data):
 # ------------------------------------------------------------------ crash and resume (subprocesses)
 
 
-@pytest.mark.parametrize("kill", ["mid-write:1", "before-rename:2", "mid-write:3", "before-rename:4", "mid-write:6", "before-rename:8"])
+# The tiny sweep makes 17 atomic writes, in this order: sweep.json (1); weights, spec and
+# meta of each model (2-4, 5-7: checkpoint writes); the evaluation CSV after each of the 6
+# (model, sigma_val) points (8-13: CSV writes); the results and summary CSVs in the store
+# and at --out (14-17). Each is killed half-written (mid-write) or complete but not yet
+# renamed (before-rename).
+KILL_POINTS = ["mid-write:1", "before-rename:2", "mid-write:3", "mid-write:4", "before-rename:6", "mid-write:7",
+               "mid-write:8", "before-rename:10", "mid-write:13", "before-rename:14", "mid-write:16", "before-rename:17"]
+
+
+@pytest.mark.parametrize("kill", KILL_POINTS)
 def test_sigkill_at_any_write_then_resume_gives_identical_results(kill, reference_csv, tmp_path, real_data):
     store, out = tmp_path / "store", tmp_path / "results.csv"
     crashed = run_dni([*CLI_SWEEP, "--store", store, "--out", out, "--jobs", "1"], {"DNI_FAULT_KILL": kill}, real_data)
     assert crashed.returncode == -9, f"the fault point {kill} was never reached: {crashed.stderr[-500:]}"
+    for command in (["status", "--store", store], ["list", "--store", store]):
+        assert run_dni(command).returncode == 0, f"store unreadable after a kill at {kill}"
     resumed = run_dni([*CLI_SWEEP, "--store", store, "--out", out, "--jobs", "1"], data=real_data)
     assert resumed.returncode == 0, resumed.stderr
     assert out.read_bytes() == reference_csv.read_bytes()

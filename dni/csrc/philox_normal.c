@@ -13,7 +13,8 @@
  *
  * The math functions are inline polynomial approximations (Cephes' single-precision
  * minimax polynomials, relative error ~1e-7) so that gcc vectorises every loop without
- * calling libm. The fused steps compute exactly what dni/models.py computes
+ * calling libm, and without -ffast-math (which would change the process's
+ * floating-point mode). The fused steps compute exactly what dni/models.py computes
  * (pre-activation + noise, then the gates), to within float rounding.
  */
 #include <stdint.h>
@@ -65,7 +66,7 @@ static inline float ln_f(float x) {
 /* exp(x), x clamped to [-87, 87]. */
 static inline float exp_f(float x) {
     x = x < -87.0f ? -87.0f : (x > 87.0f ? 87.0f : x);
-    float n = __builtin_roundf(x * 1.44269504088896341f);
+    float n = __builtin_rintf(x * 1.44269504088896341f);
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float y = 1.9875691500e-4f;
     y = y * r + 1.3981999507e-3f;
@@ -83,7 +84,7 @@ static inline float tanh_f(float x) { return 2.0f / (1.0f + exp_f(-2.0f * x)) - 
 /* (cos, sin)(2 pi v) for v in [0, 1): quadrant from 4v, polynomials on [-pi/4, pi/4]. */
 static inline void sincos_2pi(float v, float *c, float *s) {
     float q4 = v * 4.0f;
-    float qn = __builtin_roundf(q4); /* 0..4 */
+    float qn = __builtin_rintf(q4); /* 0..4 */
     float a = (q4 - qn) * 1.5707963267948966f; /* in [-pi/4, pi/4] */
     float a2 = a * a;
     float sp = ((-1.9515295891e-4f * a2 + 8.3321608736e-3f) * a2 - 1.6666654611e-1f) * a2 * a + a;
