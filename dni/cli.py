@@ -96,6 +96,10 @@ RepeatsOpt = Annotated[int, typer.Option(help="Independent noisy passes per sigm
 EvalSeedOpt = Annotated[int, typer.Option("--eval-seed", help="Seed of the inference noise.")]
 EvalBatchOpt = Annotated[int, typer.Option("--eval-batch-size", help="Test digits per batch (fixes the noise layout).")]
 RngOpt = Annotated[str, typer.Option("--rng", help="Inference noise generator: philox (dni's, fast on CPU) or torch.")]
+NoiseTrainOpt = Annotated[str, typer.Option("--noise-train", help="Training noise model: additive, multiplicative, mixed:R, relative.")]
+NoiseValOpt = Annotated[str, typer.Option("--noise-val", help="Inference noise model: additive, multiplicative, mixed:R, relative.")]
+WeightNoiseOpt = Annotated[float, typer.Option("--weight-noise", help="Std of programming noise on the weights, redrawn per repeat.")]
+WeightModeOpt = Annotated[str, typer.Option("--weight-noise-mode", help="absolute, or relative to each tensor's max |w|.")]
 
 
 @app.command("train")
@@ -103,6 +107,7 @@ def train_cli(
     arch: ArchOpt = "lstm",
     data: DataOpt = "rows",
     sigma_train: Annotated[float, typer.Option("--sigma-train", help="Std of the training noise (Eq. 2).")] = 0.0,
+    noise_train: NoiseTrainOpt = "additive",
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = 128,
     lr: LrOpt = 3e-3,
@@ -127,7 +132,7 @@ def train_cli(
     with user_errors():
         _setup(threads)
         spec = TrainSpec(
-            arch=arch, data=data, sigma_train=sigma_train, stroke_repr=stroke_repr, hidden_size=hidden_size,
+            arch=arch, data=data, sigma_train=sigma_train, noise=noise_train, stroke_repr=stroke_repr, hidden_size=hidden_size,
             epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, grad_clip=grad_clip,
             val_size=val_size, limit_train=limit_train, seed=seed,
         )
@@ -151,6 +156,10 @@ def sweep_cli(
     sigma_val: SigmaValOpt = "0:1:0.1",
     repeats: RepeatsOpt = 40,
     seeds: Annotated[int, typer.Option(help="Training seeds per sigma_train (0..N-1).")] = 1,
+    noise_train: NoiseTrainOpt = "additive",
+    noise_val: NoiseValOpt = "additive",
+    weight_noise: WeightNoiseOpt = 0.0,
+    weight_noise_mode: WeightModeOpt = "absolute",
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = 128,
     lr: LrOpt = 3e-3,
@@ -186,13 +195,14 @@ def sweep_cli(
 
     with user_errors():
         base = TrainSpec(
-            arch=arch, data=data, stroke_repr=stroke_repr, hidden_size=hidden_size, epochs=epochs, batch_size=batch_size,
+            arch=arch, data=data, noise=noise_train, stroke_repr=stroke_repr, hidden_size=hidden_size, epochs=epochs, batch_size=batch_size,
             lr=lr, lr_decay=lr_decay, grad_clip=grad_clip, val_size=val_size, limit_train=limit_train,
         )
         if seeds < 1:
             raise SpecError(f"--seeds must be >= 1, got {seeds}")
         ev = EvalSpec(sigma_val=parse_grid(sigma_val, "--sigma-val"), repeats=repeats, limit_test=limit_test,
-                      batch_size=eval_batch_size, seed=eval_seed, rng=rng)
+                      batch_size=eval_batch_size, seed=eval_seed, rng=rng, noise=noise_val,
+                      weight_noise=weight_noise, weight_noise_mode=weight_noise_mode)
         sweep = SweepSpec(base, parse_grid(sigma_train, "--sigma-train"), tuple(range(seeds)), ev)
         st = Store(store)
         ex = make_executor(executor, jobs, threads, device, data_dir, partition, time_min, gpus, cpus, mem_gb, slurm_config)
@@ -259,6 +269,9 @@ def evaluate_cli(
     seed: Annotated[int, typer.Option(help="Seed of the inference noise.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Test digits per batch (fixes the noise layout).")] = 1000,
     rng: RngOpt = "philox",
+    noise_val: NoiseValOpt = "additive",
+    weight_noise: WeightNoiseOpt = 0.0,
+    weight_noise_mode: WeightModeOpt = "absolute",
     record_states: Annotated[bool, typer.Option("--record-states", help="Also record per-step histograms of h_t and c_t (repeat 0) in the store.")] = False,
     out_csv: Annotated[Optional[Path], typer.Option("--out", help="Write the tidy results (one row per repeat) here.")] = None,
     summary_csv: Annotated[Optional[Path], typer.Option("--summary", help="Write the summary (mean, std, 95% CI) here; default: <out>-summary.csv.")] = None,
@@ -273,7 +286,8 @@ def evaluate_cli(
 
     with user_errors():
         _setup(threads)
-        ev = EvalSpec(sigma_val=parse_grid(sigma_val, "--sigma-val"), repeats=repeats, limit_test=limit_test, batch_size=batch_size, seed=seed, rng=rng)
+        ev = EvalSpec(sigma_val=parse_grid(sigma_val, "--sigma-val"), repeats=repeats, limit_test=limit_test, batch_size=batch_size,
+                      seed=seed, rng=rng, noise=noise_val, weight_noise=weight_noise, weight_noise_mode=weight_noise_mode)
         st = Store(store)
         ids = [st.resolve(m) for m in model] if model else st.model_ids()
         if not ids:

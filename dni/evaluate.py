@@ -22,7 +22,7 @@ from scipy import stats
 from dni.data import Dataset, load_dataset
 from dni.errors import StoreError
 from dni.models import NoisyRecurrent
-from dni.noise import make_generator, make_noise
+from dni.noise import make_generator, make_noise, perturb_weights
 from dni.progress import Reporter, SilentReporter
 from dni.seeding import derive_seed
 from dni.spec import EvalSpec, TrainSpec
@@ -58,6 +58,20 @@ def run_cells(
     noises = [make_noise(spec.noise, s) for s, _ in cells]
     gens = [make_generator(spec.rng, cell_seed(spec.seed, model_id, s, r), device) for s, r in cells]
     correct = torch.zeros(len(cells), dtype=torch.int64, device=device)
+    if spec.weight_noise:
+        # Programming noise: one perturbed copy of the weights per cell (per repeat), so
+        # the input projection cannot be shared; cells run one after another.
+        for k, ((s, r), noise, gen) in enumerate(zip(cells, noises, gens)):
+            wgen = make_generator(spec.rng, derive_seed(cell_seed(spec.seed, model_id, s, r), "weights"), device)
+            original = perturb_weights(model, spec.weight_noise, spec.weight_noise_mode, wgen)
+            try:
+                for start in range(0, len(test), spec.batch_size):
+                    x = test.x[start : start + spec.batch_size].to(device)
+                    y = test.y[start : start + spec.batch_size].to(device)
+                    correct[k] += (model(x, noise, gen).argmax(1) == y).sum()
+            finally:
+                model.load_state_dict(original)
+        return correct.tolist()
     for start in range(0, len(test), spec.batch_size):
         x = test.x[start : start + spec.batch_size].to(device)
         y = test.y[start : start + spec.batch_size].to(device)
@@ -156,6 +170,8 @@ def collect(store: Store, model_ids: Sequence[str], ev: EvalSpec) -> pd.DataFram
     missing = len(model_ids) * len(ev.sigma_val) * ev.repeats - len(out)
     if missing:
         raise StoreError(f"{missing} evaluation cell(s) are missing from the store")
+    if ev.weight_noise:  # programming noise, when used, is part of what identifies a cell
+        out["weight_noise"], out["weight_noise_mode"] = ev.weight_noise, ev.weight_noise_mode
     return out.sort_values(["arch", "data", "sigma_train", "seed", "model_id", "sigma_val", "repeat"], kind="stable").reset_index(drop=True)
 
 

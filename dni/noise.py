@@ -126,8 +126,129 @@ class AdditiveGaussian:
         return pre + self.sigma * gaussian(pre.shape, generator, device=pre.device, dtype=pre.dtype)
 
 
-NOISE_KINDS = ("additive",)
+@dataclass(frozen=True)
+class MultiplicativeGaussian:
+    """Multiplicative noise y·(1 + z), z ~ N(0, sigma²) (Walking Noise, Borras et al.)."""
+
+    sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sigma", check_sigma(self.sigma))
+
+    @property
+    def is_noiseless(self) -> bool:
+        return self.sigma == 0.0
+
+    def __call__(self, pre: torch.Tensor, generator: Generator) -> torch.Tensor:
+        if self.sigma == 0.0:
+            return pre
+        return pre * (1.0 + self.sigma * gaussian(pre.shape, generator, device=pre.device, dtype=pre.dtype))
+
+
+@dataclass(frozen=True)
+class MixedGaussian:
+    """Mixed noise y·(1 + r·z₁) + (1 − r)·z₂ with z₁, z₂ ~ N(0, sigma²) independent:
+    ``ratio`` r in [0, 1] is the multiplicative share (Walking Noise's mixed model)."""
+
+    sigma: float = 0.0
+    ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sigma", check_sigma(self.sigma))
+        if not 0.0 <= float(self.ratio) <= 1.0:
+            raise SpecError(f"mixed noise ratio must be in [0, 1], got {self.ratio!r}")
+
+    @property
+    def is_noiseless(self) -> bool:
+        return self.sigma == 0.0
+
+    def __call__(self, pre: torch.Tensor, generator: Generator) -> torch.Tensor:
+        if self.sigma == 0.0:
+            return pre
+        z1 = gaussian(pre.shape, generator, device=pre.device, dtype=pre.dtype)
+        z2 = gaussian(pre.shape, generator, device=pre.device, dtype=pre.dtype)
+        return pre * (1.0 + self.ratio * self.sigma * z1) + (1.0 - self.ratio) * self.sigma * z2
+
+
+@dataclass(frozen=True)
+class RelativeGaussian:
+    """Signal-relative noise y + sigma·rms(y)·z: the noise std is ``sigma`` times the
+    root-mean-square of each pre-activation vector (per sample, over its units), so
+    ``sigma`` fixes the signal-to-noise ratio SNR = -20·log10(sigma) dB (0 dB: sigma = 1).
+    As in Qin & Vucinic, "Noisy computations during inference: harmful or helpful?". The
+    measured power is treated as a constant in training (no gradient through it)."""
+
+    sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sigma", check_sigma(self.sigma))
+
+    @property
+    def is_noiseless(self) -> bool:
+        return self.sigma == 0.0
+
+    def __call__(self, pre: torch.Tensor, generator: Generator) -> torch.Tensor:
+        if self.sigma == 0.0:
+            return pre
+        rms = pre.detach().pow(2).mean(dim=-1, keepdim=True).sqrt()
+        return pre + (self.sigma * rms) * gaussian(pre.shape, generator, device=pre.device, dtype=pre.dtype)
+
+
+NOISE_KINDS = ("additive", "multiplicative", "mixed:R", "relative")
 RNGS = ("philox", "torch")
+
+
+def snr_db_to_sigma(snr_db: float) -> float:
+    """The ``relative`` noise strength of a signal-to-noise ratio in dB."""
+    return 10.0 ** (-float(snr_db) / 20.0)
+
+
+def check_noise_kind(kind: str) -> str:
+    """Validate a noise-model name (``additive``, ``multiplicative``, ``mixed:R``, ``relative``)."""
+    make_noise(kind, 0.0)
+    return kind
+
+
+def make_noise(kind: str, sigma: float) -> NoiseModel:
+    """Build a noise model from its name (as stored in specs and CSVs) and its strength."""
+    name, _, arg = str(kind).partition(":")
+    if name == "additive" and not arg:
+        return AdditiveGaussian(sigma)
+    if name == "multiplicative" and not arg:
+        return MultiplicativeGaussian(sigma)
+    if name == "relative" and not arg:
+        return RelativeGaussian(sigma)
+    if name == "mixed":
+        try:
+            ratio = float(arg) if arg else 0.5
+        except ValueError:
+            raise SpecError(f"mixed noise takes a ratio, e.g. mixed:0.5, got {kind!r}") from None
+        return MixedGaussian(sigma, ratio)
+    raise SpecError(f"unknown noise model {kind!r}; choose one of {', '.join(NOISE_KINDS)}")
+
+
+# --------------------------------------------------------------------------- weight noise
+
+WEIGHT_NOISE_MODES = ("absolute", "relative")
+
+
+def perturb_weights(model: torch.nn.Module, std: float, mode: str, generator: Generator) -> dict[str, torch.Tensor]:
+    """Programming noise: add Gaussian noise to every weight matrix and bias once, in place,
+    and return the original tensors (restore with ``load_state_dict``).
+
+    ``absolute``: std ``std``; ``relative``: std ``std`` times each tensor's max |w| (as
+    analog simulators such as IBM's aihwkit scale programming noise to the weight range).
+    """
+    if mode not in WEIGHT_NOISE_MODES:
+        raise SpecError(f"unknown weight-noise mode {mode!r}; choose one of {', '.join(WEIGHT_NOISE_MODES)}")
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if std == 0.0:
+        return original
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = std if mode == "absolute" else std * float(p.abs().max())
+            p.add_(gaussian(p.shape, generator, device=p.device, dtype=p.dtype), alpha=scale)
+    return original
 
 
 def make_generator(rng: str, seed: int, device: torch.device | str = "cpu") -> Generator:
@@ -140,9 +261,3 @@ def make_generator(rng: str, seed: int, device: torch.device | str = "cpu") -> G
         return gen
     raise SpecError(f"unknown generator {rng!r}; choose one of {', '.join(RNGS)}")
 
-
-def make_noise(kind: str, sigma: float) -> NoiseModel:
-    """Build a noise model from its name (as stored in specs and CSVs) and its strength."""
-    if kind == "additive":
-        return AdditiveGaussian(sigma)
-    raise SpecError(f"unknown noise model {kind!r}; choose one of {', '.join(NOISE_KINDS)}")

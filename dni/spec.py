@@ -18,7 +18,7 @@ from typing import Any
 from dni.data import DATASETS, STROKE_REPRS
 from dni.errors import SpecError
 from dni.models import ARCHS
-from dni.noise import NOISE_KINDS, RNGS, check_sigma
+from dni.noise import RNGS, WEIGHT_NOISE_MODES, check_noise_kind, check_sigma
 
 SPEC_VERSION = 1
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -74,7 +74,7 @@ class TrainSpec:
     def __post_init__(self) -> None:
         _check_choice("architecture", self.arch, ARCHS)
         _check_choice("data set", self.data, DATASETS)
-        _check_choice("noise model", self.noise, NOISE_KINDS)
+        check_noise_kind(self.noise)
         _check_choice("stroke representation", self.stroke_repr, STROKE_REPRS)
         object.__setattr__(self, "sigma_train", canonical_float(check_sigma(self.sigma_train, "sigma_train")))
         if self.epochs is None:
@@ -121,6 +121,8 @@ class EvalSpec:
     batch_size: int = 1000  # part of the spec: it fixes how noise draws map to samples
     seed: int = 0
     rng: str = "philox"  # noise generator: philox (dni's counter-based stream) or torch
+    weight_noise: float = 0.0  # programming noise on the weights, redrawn per repeat
+    weight_noise_mode: str = "absolute"  # absolute std, or relative to each tensor's max |w|
 
     def __post_init__(self) -> None:
         grid = tuple(canonical_float(check_sigma(s, "sigma_val")) for s in self.sigma_val)
@@ -130,8 +132,10 @@ class EvalSpec:
         _check_int("repeats", self.repeats, 1)
         _check_int("batch_size", self.batch_size, 1)
         _check_int("seed", self.seed, 0)
-        _check_choice("noise model", self.noise, NOISE_KINDS)
+        check_noise_kind(self.noise)
         _check_choice("generator", self.rng, RNGS)
+        object.__setattr__(self, "weight_noise", check_sigma(self.weight_noise, "weight_noise"))
+        _check_choice("weight-noise mode", self.weight_noise_mode, WEIGHT_NOISE_MODES)
         if self.limit_test is not None:
             _check_int("limit_test", self.limit_test, 1)
 
@@ -142,7 +146,10 @@ class EvalSpec:
     @property
     def protocol(self) -> dict[str, Any]:
         """The fields that fix the numbers of one cell (not which cells are wanted)."""
-        return {"noise": self.noise, "limit_test": self.limit_test, "batch_size": self.batch_size, "seed": self.seed, "rng": self.rng}
+        protocol = {"noise": self.noise, "limit_test": self.limit_test, "batch_size": self.batch_size, "seed": self.seed, "rng": self.rng}
+        if self.weight_noise:  # added in 0.1: left out when unused, so existing ids stay valid
+            protocol.update(weight_noise=self.weight_noise, weight_noise_mode=self.weight_noise_mode)
+        return protocol
 
     @property
     def protocol_id(self) -> str:

@@ -72,3 +72,24 @@ def test_collect_reports_missing_cells(store_with_model):
 
     with pytest.raises(StoreError, match="missing"):
         collect(store, [mid], EvalSpec(sigma_val=(0.0,), repeats=1))
+
+
+def test_weight_noise_is_redrawn_per_repeat_and_reproducible(store_with_model):
+    store, mid = store_with_model
+    ev = EvalSpec(sigma_val=(0.0,), repeats=3, batch_size=64, weight_noise=0.3, weight_noise_mode="relative")
+    a = evaluate(store, [mid], ev)
+    assert a["accuracy"].nunique() > 1  # no activation noise, yet repeats differ
+    assert (a["weight_noise"] == 0.3).all() and (a["weight_noise_mode"] == "relative").all()
+    clean = evaluate(store, [mid], EvalSpec(sigma_val=(0.0,), repeats=1, batch_size=64))
+    assert "weight_noise" not in clean.columns
+    b = run_cells(store.load_model(mid).model, mid, load_dataset("rows", "test"), [(0.0, 1)], ev, torch.device("cpu"))
+    assert b == [a.loc[a.repeat == 1, "correct"].item()]
+    # the model in the store is untouched
+    assert evaluate(store, [mid], EvalSpec(sigma_val=(0.0,), repeats=1, batch_size=64)).equals(clean)
+
+
+@pytest.mark.parametrize("kind", ["multiplicative", "mixed:0.5", "relative"])
+def test_other_inference_noise_models(store_with_model, kind):
+    store, mid = store_with_model
+    df = evaluate(store, [mid], EvalSpec(sigma_val=(0.0, 1.0), repeats=2, batch_size=64, noise=kind))
+    assert (df["noise_val"] == kind).all() and len(df) == 4

@@ -66,3 +66,80 @@ def test_make_noise():
     assert make_noise("additive", 0.2) == AdditiveGaussian(0.2)
     with pytest.raises(SpecError, match="unknown noise model"):
         make_noise("pink", 0.2)
+
+
+# ------------------------------------------------------------------ the other noise models
+
+from dni.noise import (  # noqa: E402
+    MixedGaussian,
+    MultiplicativeGaussian,
+    PhiloxGenerator,
+    RelativeGaussian,
+    perturb_weights,
+    snr_db_to_sigma,
+)
+
+ALL_KINDS = ["additive", "multiplicative", "mixed:0.3", "relative"]
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_every_noise_model_is_exact_at_zero_and_reproducible(kind):
+    x = torch.randn(50, 64)
+    assert torch.equal(make_noise(kind, 0.0)(x.clone(), torch.Generator().manual_seed(0)), x)
+    a = make_noise(kind, 0.4)(x.clone(), PhiloxGenerator(3))
+    b = make_noise(kind, 0.4)(x.clone(), PhiloxGenerator(3))
+    assert torch.equal(a, b) and not torch.equal(a, x)
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_every_noise_model_trains(kind):
+    from dni.models import build_model
+
+    model = build_model("lstm", 28)
+    loss = model(torch.rand(4, 28, 28), make_noise(kind, 0.5), torch.Generator().manual_seed(0)).sum()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_multiplicative_noise_scales_with_the_signal():
+    y = torch.full((1000, 1000), 2.0)
+    out = MultiplicativeGaussian(0.3)(y, torch.Generator().manual_seed(0))
+    assert abs((out / y - 1).std().item() - 0.3) < 0.003 and abs((out - y).mean().item()) < 0.003
+
+
+def test_mixed_noise_has_both_parts():
+    zero = MixedGaussian(0.5, 0.25)(torch.zeros(1000, 1000), torch.Generator().manual_seed(0))
+    assert abs(zero.std().item() - 0.75 * 0.5) < 0.002  # only the additive part at y = 0
+    big = MixedGaussian(0.5, 0.25)(torch.full((1000, 1000), 10.0), torch.Generator().manual_seed(1))
+    expected = math.sqrt((0.25 * 0.5 * 10) ** 2 + (0.75 * 0.5) ** 2)
+    assert abs(big.std().item() - expected) < 0.01
+    with pytest.raises(SpecError):
+        make_noise("mixed:1.5", 0.1)
+    with pytest.raises(SpecError):
+        make_noise("mixed:x", 0.1)
+
+
+def test_relative_noise_sets_the_snr_per_pre_activation():
+    y = torch.randn(2000, 512) * torch.linspace(0.1, 10, 2000)[:, None]  # very different powers
+    sigma = snr_db_to_sigma(10.0)
+    z = RelativeGaussian(sigma)(y.clone(), torch.Generator().manual_seed(0)) - y
+    snr = 10 * torch.log10(y.pow(2).mean(1) / z.pow(2).mean(1))
+    assert abs(snr.mean().item() - 10.0) < 0.1 and snr.std().item() < 0.6
+    assert snr_db_to_sigma(0.0) == 1.0 and snr_db_to_sigma(20.0) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_weight_noise_perturbs_once_and_restores(mode):
+    from dni.models import build_model
+
+    model = build_model("rnn", 28)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    original = perturb_weights(model, 0.1, mode, PhiloxGenerator(1))
+    for k, v in model.state_dict().items():
+        diff = (v - before[k]).std().item()
+        scale = 0.1 if mode == "absolute" else 0.1 * before[k].abs().max().item()
+        assert abs(diff - scale) < 0.25 * scale, k
+    model.load_state_dict(original)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(SpecError):
+        perturb_weights(model, 0.1, "per-cell", PhiloxGenerator(1))

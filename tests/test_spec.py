@@ -56,3 +56,14 @@ def test_eval_spec():
 def test_ids_cannot_escape_the_store(bad):
     with pytest.raises(SpecError):
         check_id(bad)
+
+
+def test_ids_are_stable_across_versions():
+    """Stores outlive dni versions: a new spec field must not rename existing models or
+    protocols (give it a default that is left out of the hash)."""
+    assert TrainSpec().model_id == "lstm-rows-st0-s0-92d822b644"
+    assert TrainSpec(arch="lstm", data="strokes", sigma_train=1.0).model_id == "lstm-strokes-st1-s0-7cbbc2b0ab"
+    assert TrainSpec(arch="rnn", sigma_train=0.3).model_id == "rnn-rows-st0.3-s0-ebfc431516"
+    assert EvalSpec().protocol_id == "edaa20e774"
+    assert EvalSpec(rng="torch").protocol_id == "032efba1f5"
+    assert EvalSpec(limit_test=500, seed=3).protocol_id == "3dae651e46"
