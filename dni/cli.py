@@ -596,6 +596,97 @@ def plot_weights_cli(
         _save_single(figures.fig_weights(hist, power, f"{arch} weights, {data}"), out_file)
 
 
+@app.command("robustness")
+def robustness_cli(
+    results_csv: Annotated[list[Path], typer.Option("--results", help="Tidy results CSV(s) (dni evaluate/sweep --out, or results/<arch>-<data>.csv).")],
+    out_csv: Annotated[Path, typer.Option("--out", help="Robustness table (CSV).")] = Path("robustness.csv"),
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the table (.png or .pdf).")] = None,
+    chance: Annotated[float, typer.Option(help="Chance accuracy (0.1 for ten classes).")] = 0.1,
+    n_boot: Annotated[int, typer.Option("--n-boot", min=10, help="Bootstrap resamples of the repeats.")] = 1000,
+):
+    """Per model: midpoint noise level and area under the accuracy curve, with 95% CIs."""
+    import pandas as pd
+
+    from dni.analysis import robustness
+    from dni.store import write_csv
+
+    with user_errors():
+        try:
+            results = pd.concat([pd.read_csv(p) for p in results_csv], ignore_index=True)
+        except (OSError, ValueError) as exc:
+            raise DniError(f"cannot read results: {exc}") from None
+        missing = {"model_id", "sigma_val", "repeat", "accuracy"} - set(results.columns)
+        if missing:
+            raise DniError(f"results lack column(s) {', '.join(sorted(missing))}")
+        table = robustness(results, chance, n_boot)
+        write_csv(out_csv, table)
+        show = Table(title="robustness (95% bootstrap CI)")
+        for col in ("model", "σ_train", "clean", "midpoint σ_val", "AUC"):
+            show.add_column(col)
+        for r in table.itertuples():
+            mid = f"> {r.sigma_max:g}" if np.isnan(r.midpoint_sigma) else f"{r.midpoint_sigma:.3f} [{r.midpoint_ci_low:.3f}, {r.midpoint_ci_high:.3f}]"
+            show.add_row(r.model_id, f"{r.sigma_train:g}", f"{r.clean_accuracy:.4f}", mid, f"{r.auc:.4f} [{r.auc_ci_low:.4f}, {r.auc_ci_high:.4f}]")
+        out.print(show)
+        out.print(f"wrote {out_csv}")
+        if plot is not None:
+            from dni import figures
+
+            _save_single(figures.fig_robustness(table), plot)
+
+
+@app.command("vote")
+def vote_cli(
+    model: Annotated[str, typer.Option("--model", help="Model id or unique prefix.")],
+    k: Annotated[str, typer.Option("--k", help="Numbers of noisy inferences per input, e.g. 1,3,5,9.")] = "1,3,5,9",
+    method: Annotated[str, typer.Option(help="majority (vote of the argmaxes) or mean (of the logits).")] = "majority",
+    sigma_val: SigmaValOpt = "0.5,1",
+    repeats: RepeatsOpt = 5,
+    limit_test: LimitTestOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the inference noise.")] = 0,
+    noise_val: NoiseValOpt = "additive",
+    rng: RngOpt = "philox",
+    store: StoreOpt = Path("store"),
+    out_csv: Annotated[Path, typer.Option("--out", help="Tidy CSV: one row per (sigma_val, repeat, K).")] = Path("vote.csv"),
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw accuracy vs K (.png or .pdf).")] = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = "auto",
+):
+    """Accuracy of classifying by K independent noisy inferences (voting / multi-execution)."""
+    from dni.analysis import vote
+    from dni.data import load_dataset
+    from dni.spec import EvalSpec, parse_grid
+    from dni.store import Store, write_csv
+
+    with user_errors():
+        try:
+            ks = sorted({int(v) for v in k.split(",")})
+        except ValueError:
+            raise SpecError(f"--k takes a list of integers, got {k!r}") from None
+        if not ks or ks[0] < 1 or ks[-1] > 999:
+            raise SpecError("--k values must be between 1 and 999")
+        ev = EvalSpec(sigma_val=parse_grid(sigma_val, "--sigma-val"), repeats=repeats, limit_test=limit_test, seed=seed, noise=noise_val, rng=rng)
+        st = Store(store)
+        dev = resolve_device(device)
+        stored = st.load_model(st.resolve(model), dev)
+        test = load_dataset(stored.spec.data, "test", data_dir, stroke_repr=stored.spec.stroke_repr, limit=limit_test)
+        table = vote(stored.model, stored.model_id, test, ev, ks, method, dev)
+        table.insert(1, "sigma_train", stored.spec.sigma_train)
+        write_csv(out_csv, table)
+        g = table.groupby(["sigma_val", "k"])["accuracy"].mean().unstack("k")
+        show = Table(title=f"{method} vote of K noisy inferences: mean accuracy over {repeats} repeats")
+        show.add_column("σ_val")
+        for kk in g.columns:
+            show.add_column(f"K={kk}", justify="right")
+        for sv, row in g.iterrows():
+            show.add_row(f"{sv:g}", *[f"{v:.4f}" for v in row])
+        out.print(show)
+        out.print(f"wrote {out_csv}")
+        if plot is not None:
+            from dni import figures
+
+            _save_single(figures.fig_vote(table, f"{stored.model_id[:28]}, {method}"), plot)
+
+
 def _save_single(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 

@@ -154,3 +154,36 @@ def accuracy_panels(summary_by_case: dict[tuple[str, str], pd.DataFrame], cases)
               ("rnn", "rows"): "vanilla RNN, image rows (Table III)", ("rnn", "strokes"): "vanilla RNN, pen strokes"}
     return [(f"({'abcdefgh'[i]}) {labels.get(c, ' '.join(c))}" if len(cases) > 1 else labels.get(c, " ".join(c)),
              accuracy_curves(summary_by_case[c], *c)) for i, c in enumerate(cases)]
+
+
+def fig_robustness(table: pd.DataFrame, title: str = ""):
+    """Midpoint noise level and area under the accuracy curve against sigma_train."""
+    fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.4), layout="constrained")
+    for (arch, data), t in table.groupby(["arch", "data"]):
+        t = t.groupby("sigma_train", as_index=False).mean(numeric_only=True)
+        label = f"{arch} {data}"
+        ax_m.errorbar(t["sigma_train"], t["midpoint_sigma"], yerr=[t["midpoint_sigma"] - t["midpoint_ci_low"], t["midpoint_ci_high"] - t["midpoint_sigma"]],
+                      marker="o", ms=3, capsize=2, label=label)
+        ax_a.errorbar(t["sigma_train"], t["auc"], yerr=[t["auc"] - t["auc_ci_low"], t["auc_ci_high"] - t["auc"]], marker="o", ms=3, capsize=2, label=label)
+    ax_m.set(xlabel="σ_train", ylabel="midpoint σ_val", title="accuracy halfway between clean and chance")
+    ax_a.set(xlabel="σ_train", ylabel="mean accuracy over σ_val (AUC)", title="area under the accuracy curve")
+    ax_a.legend(frameon=False)
+    if title:
+        fig.suptitle(title, x=0.01, ha="left", fontsize=8.5)
+    return fig
+
+
+def fig_vote(table: pd.DataFrame, title: str = ""):
+    """Accuracy against the number K of voting noisy inferences, one curve per sigma_val."""
+    fig, ax = plt.subplots(figsize=(3.4, 2.5), layout="constrained")
+    g = table.groupby(["sigma_val", "k"], as_index=False)["accuracy"].agg(["mean", "std", "count"])
+    smax = max(float(g["sigma_val"].max()), 1e-9)
+    for sv, t in g.groupby("sigma_val"):
+        half = 1.96 * t["std"].fillna(0) / np.sqrt(t["count"])
+        ax.errorbar(t["k"], 100 * t["mean"], yerr=100 * half, marker="o", ms=3, capsize=2, color=STEP_CMAP(sv / smax), label=f"σ_val = {sv:g}")
+    ax.set(xlabel="K (noisy inferences per input)", ylabel="accuracy (%)", xscale="log", title=title)
+    ax.set_xticks(sorted(g["k"].unique()))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.legend(frameon=False, fontsize=6)
+    return fig

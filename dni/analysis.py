@@ -1,0 +1,140 @@
+"""Analyses beyond the paper: robustness summaries and voting over repeated noisy inference.
+
+* :func:`robustness` — per model, the midpoint noise level (where accuracy falls halfway
+  from clean to chance, Walking Noise's summary) and the normalised area under the
+  accuracy-sigma_val curve, with bootstrap confidence intervals over the repeats.
+* :func:`vote` — classify each input by a majority vote (or the mean of the logits) of K
+  independent noisy inferences (Harmful-or-Helpful's voting, Walking Noise's
+  multi-execution) and report accuracy against K and sigma_val.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dni.data import Dataset
+from dni.evaluate import cell_seed
+from dni.models import NoisyRecurrent
+from dni.noise import make_generator, make_noise
+from dni.seeding import derive_seed
+from dni.spec import EvalSpec
+
+MODEL_KEYS = ["model_id", "arch", "data", "noise_train", "sigma_train", "seed", "noise_val"]
+
+
+def midpoint_sigma(sigmas: np.ndarray, acc: np.ndarray, chance: float = 0.1) -> float:
+    """The sigma_val where accuracy first falls to (clean + chance) / 2, by linear
+    interpolation; NaN when it stays above that level on the whole grid."""
+    order = np.argsort(sigmas)
+    s, a = np.asarray(sigmas, float)[order], np.asarray(acc, float)[order]
+    level = (a[0] + chance) / 2
+    below = np.nonzero(a <= level)[0]
+    if len(below) == 0:
+        return float("nan")
+    k = below[0]
+    if k == 0:
+        return float(s[0])
+    return float(s[k - 1] + (a[k - 1] - level) / (a[k - 1] - a[k]) * (s[k] - s[k - 1]))
+
+
+def area_under_curve(sigmas: np.ndarray, acc: np.ndarray) -> float:
+    """Trapezoidal area under accuracy vs sigma_val, divided by the sigma range (so it is
+    the mean accuracy over the range; 1.0 = perfect everywhere)."""
+    order = np.argsort(sigmas)
+    s, a = np.asarray(sigmas, float)[order], np.asarray(acc, float)[order]
+    if len(s) < 2 or s[-1] == s[0]:
+        return float(a.mean())
+    return float(np.sum((a[1:] + a[:-1]) / 2 * np.diff(s)) / (s[-1] - s[0]))
+
+
+def robustness(results: pd.DataFrame, chance: float = 0.1, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
+    """Per model: clean accuracy, midpoint sigma and AUC, with bootstrap CIs over repeats.
+
+    Args:
+        results: tidy results (one row per model, sigma_val, repeat).
+        chance: accuracy of guessing (0.1 for ten digits).
+        n_boot: bootstrap resamples of the repeats at each sigma_val.
+    """
+    rng = np.random.default_rng(seed)
+    lo_q, hi_q = 50 * (1 - confidence), 50 * (1 + confidence)
+    rows = []
+    for key, df in results.groupby(MODEL_KEYS, sort=True):
+        pivot = df.pivot_table(index="repeat", columns="sigma_val", values="accuracy")
+        sig = pivot.columns.to_numpy(float)
+        acc = pivot.to_numpy(float)  # (repeats, sigmas)
+        mean = np.nanmean(acc, axis=0)
+        idx = rng.integers(0, acc.shape[0], size=(n_boot, acc.shape[0]))
+        boot = np.nanmean(acc[idx], axis=1)  # (n_boot, sigmas)
+        mids = np.array([midpoint_sigma(sig, b, chance) for b in boot])
+        aucs = np.array([area_under_curve(sig, b) for b in boot])
+        finite = mids[np.isfinite(mids)]
+        rows.append({
+            **dict(zip(MODEL_KEYS, key)),
+            "clean_accuracy": float(mean[np.argmin(sig)]),
+            "midpoint_sigma": midpoint_sigma(sig, mean, chance),
+            "midpoint_ci_low": float(np.percentile(finite, lo_q)) if len(finite) > n_boot // 2 else float("nan"),
+            "midpoint_ci_high": float(np.percentile(finite, hi_q)) if len(finite) > n_boot // 2 else float("nan"),
+            "auc": area_under_curve(sig, mean),
+            "auc_ci_low": float(np.percentile(aucs, lo_q)),
+            "auc_ci_high": float(np.percentile(aucs, hi_q)),
+            "sigma_max": float(sig.max()),
+            "repeats": int(acc.shape[0]),
+        })
+    return pd.DataFrame(rows)
+
+
+VOTE_METHODS = ("majority", "mean")
+
+
+@torch.no_grad()
+def vote(
+    model: NoisyRecurrent,
+    model_id: str,
+    test: Dataset,
+    ev: EvalSpec,
+    ks: Sequence[int],
+    method: str = "majority",
+    device: torch.device | str = "cpu",
+) -> pd.DataFrame:
+    """Accuracy of K-fold noisy inference for every K in ``ks``, sigma_val and repeat.
+
+    The K passes of a cell are nested: the first K of max(ks) passes, so accuracy against
+    K is measured on the same draws. Pass j of cell (sigma_val, repeat) uses the noise
+    stream derived from that cell's seed and j.
+    """
+    if method not in VOTE_METHODS:
+        from dni.errors import SpecError
+
+        raise SpecError(f"unknown voting method {method!r}; choose one of {', '.join(VOTE_METHODS)}")
+    ks = sorted(set(int(k) for k in ks))
+    kmax = ks[-1]
+    device = torch.device(device)
+    model.eval()
+    rows = []
+    for sigma in ev.sigma_val:
+        noise = make_noise(ev.noise, sigma)
+        for r in range(ev.repeats):
+            base = cell_seed(ev.seed, model_id, sigma, r)
+            gens = [make_generator(ev.rng, derive_seed(base, "vote", j), device) for j in range(kmax)]
+            correct = {k: 0 for k in ks}
+            for start in range(0, len(test), ev.batch_size):
+                x = test.x[start : start + ev.batch_size].to(device)
+                y = test.y[start : start + ev.batch_size].to(device)
+                xp = model.project(x)
+                score = torch.zeros(len(y), model.num_classes, device=device)
+                for j, gen in enumerate(gens, start=1):
+                    logits = model.recur(xp, noise, gen)
+                    if method == "majority":
+                        # one vote per pass; the summed softmax breaks ties
+                        score += torch.nn.functional.one_hot(logits.argmax(1), model.num_classes) + 1e-3 * logits.softmax(1)
+                    else:
+                        score += logits
+                    if j in correct:
+                        correct[j] += int((score.argmax(1) == y).sum())
+            rows += [{"model_id": model_id, "sigma_val": sigma, "repeat": r, "k": k, "method": method,
+                      "n_test": len(test), "accuracy": correct[k] / len(test)} for k in ks]
+    return pd.DataFrame(rows)
