@@ -79,7 +79,7 @@ def _reporter():
     return ConsoleReporter(sys.stderr)
 
 
-ArchOpt = Annotated[str, typer.Option(help="Architecture: lstm or rnn.")]
+ArchOpt = Annotated[str, typer.Option(help="Architecture: lstm, rnn or gru.")]
 DataOpt = Annotated[str, typer.Option(help="Data set: rows (28x28 images) or strokes (pen strokes).")]
 EpochsOpt = Annotated[Optional[int], typer.Option(help="Training epochs (default: 20 for LSTM rows, else 30).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Training mini-batch size.")]
@@ -324,7 +324,7 @@ def _print_summary(summary) -> None:
 
 @app.command("describe")
 def describe_cli(
-    arch: Annotated[str, typer.Option(help="Architecture: lstm or rnn.")] = "lstm",
+    arch: ArchOpt = "lstm",
     data: Annotated[str, typer.Option(help="Data set: rows or strokes.")] = "rows",
     hidden_size: Annotated[int, typer.Option("--hidden-size", help="State size H.")] = 128,
 ):
@@ -337,8 +337,9 @@ def describe_cli(
         spec = TrainSpec(arch=arch, data=data, hidden_size=hidden_size)
         steps, inputs = input_shape(spec.data)
         model = build_model(spec.arch, inputs, spec.hidden_size)
-        cells = "LSTM cells" if arch == "lstm" else "RNN cells"
-        table = Table(title=f"A {steps}-step {'LSTM' if arch == 'lstm' else 'vanilla RNN'} architecture for MNIST ({data})")
+        name = {"lstm": "LSTM", "rnn": "vanilla RNN", "gru": "GRU"}[arch]
+        cells = f"{name.split()[-1]} cells"
+        table = Table(title=f"A {steps}-step {name} architecture for MNIST ({data})")
         table.add_column("")
         table.add_column("", justify="right")
         table.add_row(f"No. {cells}", str(steps))
@@ -346,9 +347,11 @@ def describe_cli(
         if arch == "lstm":
             table.add_row("LSTM internal state size", str(hidden_size))
             table.add_row("LSTM output state size", str(hidden_size))
+        elif arch == "gru":
+            table.add_row("GRU state size", str(hidden_size))
         else:
             table.add_row("No. neurons in one RNN cell (RNN state size)", str(hidden_size))
-        table.add_row("Noisy matrix-vector products per step", f"{model.gates} (+1 output layer)")
+        table.add_row("Noisy matrix-vector products per step", f"{model.noisy_products} (+1 output layer)")
         table.add_row("Total No. trainable parameters", str(count_parameters(model)))
         out.print(table)
 
@@ -373,7 +376,7 @@ def export_cli(
             "bias": m.bias.detach().cpu().numpy(),
             "fc_weight": m.fc.weight.detach().cpu().numpy(),
             "fc_bias": m.fc.bias.detach().cpu().numpy(),
-            "gate_order": np.array(["i", "f", "g", "o"] if stored.spec.arch == "lstm" else ["h"]),
+            "gate_order": np.array(m.gate_names),
             "spec_json": np.array(json.dumps(stored.spec.to_dict(), sort_keys=True)),
         }
         buf = io.BytesIO()

@@ -29,7 +29,7 @@ from dni.noise import NoiseModel
 #: Called after every time step with (t, h_t, c_t or None); used to record state statistics.
 StepObserver = Callable[[int, torch.Tensor, torch.Tensor | None], None]
 
-ARCHS = ("lstm", "rnn")
+ARCHS = ("lstm", "rnn", "gru")
 HIDDEN_SIZE = 128
 NUM_CLASSES = 10
 
@@ -45,6 +45,8 @@ class NoisyRecurrent(nn.Module):
 
     gates: ClassVar[int]
     arch: ClassVar[str]
+    gate_names: ClassVar[tuple[str, ...]]
+    noisy_products: ClassVar[int]  # noisy matrix-vector products per step (plus the output layer)
 
     def __init__(self, input_size: int, hidden_size: int = HIDDEN_SIZE, num_classes: int = NUM_CLASSES):
         super().__init__()
@@ -139,6 +141,8 @@ class NoisyRNN(NoisyRecurrent):
 
     gates = 1
     arch = "rnn"
+    gate_names = ("h",)
+    noisy_products = 1
 
     def step(self, pre, c):
         return torch.tanh(pre), None
@@ -149,6 +153,8 @@ class NoisyLSTM(NoisyRecurrent):
 
     gates = 4
     arch = "lstm"
+    gate_names = ("i", "f", "g", "o")
+    noisy_products = 4
 
     def step(self, pre, c):
         i, f, g, o = pre.chunk(4, dim=1)
@@ -177,7 +183,37 @@ def _fused_kernel(model: NoisyRecurrent, noise: NoiseModel, generator, xp: torch
     return None if lib is None else (lib, float(noise.sigma))
 
 
-_MODELS: dict[str, type[NoisyRecurrent]] = {"lstm": NoisyLSTM, "rnn": NoisyRNN}
+class NoisyGRU(NoisyRecurrent):
+    """GRU with noise after each of its matrix-vector products (one bias per gate).
+
+    r = σ(W_r·[x_t, h] + b_r + z), u = σ(W_u·[x_t, h] + b_u + z),
+    n = tanh(W_nx·x_t + b_n + z + r ⊙ (W_nh·h + z)), h_t = (1 − u) ⊙ n + u ⊙ h.
+    The reset gate multiplies only the recurrent half of the candidate, so that half and
+    the input half are two products, each with its own noise: four noisy products per step.
+    """
+
+    gates = 3
+    arch = "gru"
+    gate_names = ("r", "u", "n")
+    noisy_products = 4
+
+    def recur(self, xp, noise, generator=None, observer=None):
+        hs = self.hidden_size
+        w_h = self.weight[:, self.input_size :]
+        w_ru, w_nh = w_h[: 2 * hs], w_h[2 * hs :]
+        h = xp.new_zeros(xp.shape[1], hs)
+        for t, xp_t in enumerate(xp.unbind(0)):
+            r, u = torch.sigmoid(noise(torch.addmm(xp_t[:, : 2 * hs], h, w_ru.t()), generator)).chunk(2, dim=1)
+            n_x = noise(xp_t[:, 2 * hs :].clone(), generator)  # clone: xp is shared by many passes
+            n_h = noise(h @ w_nh.t(), generator)
+            n = torch.tanh(n_x + r * n_h)
+            h = (1 - u) * n + u * h
+            if observer is not None:
+                observer(t, h, None)
+        return noise(self.fc(h), generator)
+
+
+_MODELS: dict[str, type[NoisyRecurrent]] = {"lstm": NoisyLSTM, "rnn": NoisyRNN, "gru": NoisyGRU}
 
 
 def build_model(arch: str, input_size: int, hidden_size: int = HIDDEN_SIZE, num_classes: int = NUM_CLASSES) -> NoisyRecurrent:

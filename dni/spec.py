@@ -45,7 +45,8 @@ def _check_positive(name: str, value: Any) -> None:
 
 
 #: Epochs of dni's recipe per (arch, data): enough for the clean accuracy to level off.
-DEFAULT_EPOCHS = {("lstm", "rows"): 20, ("lstm", "strokes"): 30, ("rnn", "rows"): 30, ("rnn", "strokes"): 30}
+DEFAULT_EPOCHS = {("lstm", "rows"): 20, ("lstm", "strokes"): 30, ("rnn", "rows"): 30, ("rnn", "strokes"): 30,
+                  ("gru", "rows"): 20, ("gru", "strokes"): 30}
 
 
 @dataclass(frozen=True)

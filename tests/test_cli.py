@@ -80,7 +80,7 @@ def _error(res):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["train", "--arch", "gru"], "unknown architecture"),
+        (["train", "--arch", "transformer"], "unknown architecture"),
         (["train", "--data", "cifar"], "unknown data set"),
         (["train", "--sigma-train", "-0.5"], "sigma_train"),
         (["train", "--sigma-train", "nan"], "sigma_train"),

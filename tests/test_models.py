@@ -113,3 +113,32 @@ def test_unknown_arch_and_bad_input_shape():
         build_model("transformer", 28)
     with pytest.raises(SpecError, match="expected input"):
         build_model("lstm", 28)(torch.rand(2, 28, 3), AdditiveGaussian(0.0))
+
+
+def test_gru_equals_torch_gru_and_has_four_noisy_products():
+    torch.manual_seed(0)
+    model = build_model("gru", 28)
+    assert count_parameters(model) == 3 * 128 * (28 + 128) + 3 * 128 + 1290
+    ref = torch.nn.GRU(28, 128, batch_first=True)
+    with torch.no_grad():
+        ref.weight_ih_l0.copy_(model.weight[:, :28])
+        ref.weight_hh_l0.copy_(model.weight[:, 28:])
+        ref.bias_ih_l0.copy_(model.bias)
+        ref.bias_hh_l0.zero_()
+        x = torch.rand(8, 28, 28)
+        torch.testing.assert_close(model(x, AdditiveGaussian(0.0)), model.fc(ref(x)[0][:, -1]), rtol=1e-5, atol=1e-5)
+    rec = Recorder()
+    model(torch.rand(3, 28, 28), rec)
+    assert rec.shapes == [(3, 256), (3, 128), (3, 128)] * 28 + [(3, 10)]
+    loss = model(torch.rand(4, 28, 28), AdditiveGaussian(0.5), torch.Generator().manual_seed(0)).sum()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_gru_does_not_modify_the_shared_projection():
+    model = build_model("gru", 2)
+    with torch.no_grad():
+        xp = model.project(torch.rand(4, 50, 2))
+        before = xp.clone()
+        model.recur(xp, AdditiveGaussian(1.0), torch.Generator().manual_seed(0))
+    assert torch.equal(xp, before)

@@ -32,7 +32,7 @@ def test_model_id_is_derived_from_the_full_spec():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"arch": "gru"}, {"data": "cifar"}, {"sigma_train": -1}, {"sigma_train": float("nan")},
+        {"arch": "transformer"}, {"data": "cifar"}, {"sigma_train": -1}, {"sigma_train": float("nan")},
         {"epochs": 0}, {"batch_size": 0}, {"lr": 0}, {"limit_train": 100, "val_size": 100},
         {"lr_decay": 1.5}, {"seed": -1}, {"stroke_repr": "polar"},
     ],
