@@ -138,3 +138,30 @@ def vote(
             rows += [{"model_id": model_id, "sigma_val": sigma, "repeat": r, "k": k, "method": method,
                       "n_test": len(test), "accuracy": correct[k] / len(test)} for k in ks]
     return pd.DataFrame(rows)
+
+
+def walk(store, model_id: str, ev: EvalSpec, data_dir=None, device="cpu") -> pd.DataFrame:
+    """Layer-sensitivity analysis in the spirit of Walking Noise: inject noise at one site
+    at a time (each gate product of the cell, then the output layer) and report the
+    accuracy and its drop from the noise-free accuracy, per site and sigma_val.
+
+    The cells are ordinary evaluation cells (protocol with ``sites``), so they are stored
+    and reused like any other.
+    """
+    import dataclasses
+
+    from dni.evaluate import evaluate, summarize
+
+    model = store.load_model(model_id).model
+    sites = ["none", *model.site_names(), "all"]
+    frames = []
+    for site in sites:
+        spec = dataclasses.replace(ev, sites=site)
+        res = evaluate(store, [model_id], spec, data_dir, device)
+        res["sites"] = site
+        frames.append(res)
+    summary = summarize(pd.concat(frames, ignore_index=True), by=["model_id", "arch", "data", "sigma_train", "sigma_val", "sites"])
+    clean = float(summary.loc[summary["sites"] == "none", "mean"].mean())
+    summary["drop"] = clean - summary["mean"]
+    order = {s: i for i, s in enumerate(sites)}
+    return summary.sort_values(["sigma_val", "sites"], key=lambda c: c.map(order) if c.name == "sites" else c).reset_index(drop=True)

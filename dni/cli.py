@@ -99,6 +99,7 @@ RngOpt = Annotated[str, typer.Option("--rng", help="Inference noise generator: p
 NoiseTrainOpt = Annotated[str, typer.Option("--noise-train", help="Training noise model: additive, multiplicative, mixed:R, relative.")]
 NoiseValOpt = Annotated[str, typer.Option("--noise-val", help="Inference noise model: additive, multiplicative, mixed:R, relative.")]
 WeightNoiseOpt = Annotated[float, typer.Option("--weight-noise", help="Std of programming noise on the weights, redrawn per repeat.")]
+SitesOpt = Annotated[str, typer.Option("--sites", help="Noisy products: all, cell, none, or a list of gate sites (i,f,g,o / h / r,u,nx,nh) and out.")]
 WeightModeOpt = Annotated[str, typer.Option("--weight-noise-mode", help="absolute, or relative to each tensor's max |w|.")]
 
 
@@ -108,6 +109,7 @@ def train_cli(
     data: DataOpt = "rows",
     sigma_train: Annotated[float, typer.Option("--sigma-train", help="Std of the training noise (Eq. 2).")] = 0.0,
     noise_train: NoiseTrainOpt = "additive",
+    sites: SitesOpt = "all",
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = 128,
     lr: LrOpt = 3e-3,
@@ -134,7 +136,7 @@ def train_cli(
         spec = TrainSpec(
             arch=arch, data=data, sigma_train=sigma_train, noise=noise_train, stroke_repr=stroke_repr, hidden_size=hidden_size,
             epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, grad_clip=grad_clip,
-            val_size=val_size, limit_train=limit_train, seed=seed,
+            val_size=val_size, limit_train=limit_train, seed=seed, sites=sites,
         )
         st = Store(store)
         result = train_job(st.root, spec, data_dir, str(resolve_device(device)), force, _reporter())
@@ -272,6 +274,7 @@ def evaluate_cli(
     noise_val: NoiseValOpt = "additive",
     weight_noise: WeightNoiseOpt = 0.0,
     weight_noise_mode: WeightModeOpt = "absolute",
+    sites: SitesOpt = "all",
     record_states: Annotated[bool, typer.Option("--record-states", help="Also record per-step histograms of h_t and c_t (repeat 0) in the store.")] = False,
     out_csv: Annotated[Optional[Path], typer.Option("--out", help="Write the tidy results (one row per repeat) here.")] = None,
     summary_csv: Annotated[Optional[Path], typer.Option("--summary", help="Write the summary (mean, std, 95% CI) here; default: <out>-summary.csv.")] = None,
@@ -287,7 +290,7 @@ def evaluate_cli(
     with user_errors():
         _setup(threads)
         ev = EvalSpec(sigma_val=parse_grid(sigma_val, "--sigma-val"), repeats=repeats, limit_test=limit_test, batch_size=batch_size,
-                      seed=seed, rng=rng, noise=noise_val, weight_noise=weight_noise, weight_noise_mode=weight_noise_mode)
+                      seed=seed, rng=rng, noise=noise_val, weight_noise=weight_noise, weight_noise_mode=weight_noise_mode, sites=sites)
         st = Store(store)
         ids = [st.resolve(m) for m in model] if model else st.model_ids()
         if not ids:
@@ -688,6 +691,45 @@ def vote_cli(
             from dni import figures
 
             _save_single(figures.fig_vote(table, f"{stored.model_id[:28]}, {method}"), plot)
+
+
+@app.command("walk")
+def walk_cli(
+    model: Annotated[str, typer.Option("--model", help="Model id or unique prefix.")],
+    sigma_val: SigmaValOpt = "0.5,1",
+    repeats: RepeatsOpt = 10,
+    limit_test: LimitTestOpt = None,
+    noise_val: NoiseValOpt = "additive",
+    seed: Annotated[int, typer.Option(help="Seed of the inference noise.")] = 0,
+    store: StoreOpt = Path("store"),
+    out_csv: Annotated[Path, typer.Option("--out", help="Per-site summary (CSV).")] = Path("walk.csv"),
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the accuracy drop per site.")] = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = "auto",
+):
+    """Layer sensitivity: noise at one matrix-vector product (site) at a time; accuracy drop per site."""
+    from dni.analysis import walk
+    from dni.spec import EvalSpec, parse_grid
+    from dni.store import Store, write_csv
+
+    with user_errors():
+        st = Store(store)
+        mid = st.resolve(model)
+        ev = EvalSpec(sigma_val=parse_grid(sigma_val, "--sigma-val"), repeats=repeats, limit_test=limit_test, seed=seed, noise=noise_val)
+        table = walk(st, mid, ev, data_dir, resolve_device(device))
+        write_csv(out_csv, table)
+        show = Table(title=f"noise at one site at a time: {mid}")
+        for col in ("σ_val", "site", "accuracy", "95% CI", "drop (pp)"):
+            show.add_column(col)
+        for r in table.itertuples():
+            ci = "-" if np.isnan(r.ci_low) else f"[{r.ci_low:.4f}, {r.ci_high:.4f}]"
+            show.add_row(f"{r.sigma_val:g}", r.sites, f"{r.mean:.4f}", ci, f"{100 * r.drop:+.2f}")
+        out.print(show)
+        out.print(f"wrote {out_csv}")
+        if plot is not None:
+            from dni import figures
+
+            _save_single(figures.fig_walk(table, mid[:30]), plot)
 
 
 def _save_single(fig, path: Path) -> None:

@@ -55,6 +55,7 @@ def run_cells(
 ) -> list[int]:
     """Number of correctly classified test digits for each (sigma_val, repeat) cell."""
     model.eval()
+    model.parse_sites(spec.sites)  # fail early on an unknown site
     noises = [make_noise(spec.noise, s) for s, _ in cells]
     gens = [make_generator(spec.rng, cell_seed(spec.seed, model_id, s, r), device) for s, r in cells]
     correct = torch.zeros(len(cells), dtype=torch.int64, device=device)
@@ -68,7 +69,7 @@ def run_cells(
                 for start in range(0, len(test), spec.batch_size):
                     x = test.x[start : start + spec.batch_size].to(device)
                     y = test.y[start : start + spec.batch_size].to(device)
-                    correct[k] += (model(x, noise, gen).argmax(1) == y).sum()
+                    correct[k] += (model(x, noise, gen, sites=spec.sites).argmax(1) == y).sum()
             finally:
                 model.load_state_dict(original)
         return correct.tolist()
@@ -77,7 +78,7 @@ def run_cells(
         y = test.y[start : start + spec.batch_size].to(device)
         xp = model.project(x)  # shared by every cell: no noise enters W_x·x + b
         for k, (noise, gen) in enumerate(zip(noises, gens)):
-            correct[k] += (model.recur(xp, noise, gen).argmax(1) == y).sum()
+            correct[k] += (model.recur(xp, noise, gen, sites=spec.sites).argmax(1) == y).sum()
         if on_batch is not None:
             on_batch(len(cells) * len(y) / len(test))
     return correct.tolist()
@@ -172,6 +173,8 @@ def collect(store: Store, model_ids: Sequence[str], ev: EvalSpec) -> pd.DataFram
         raise StoreError(f"{missing} evaluation cell(s) are missing from the store")
     if ev.weight_noise:  # programming noise, when used, is part of what identifies a cell
         out["weight_noise"], out["weight_noise_mode"] = ev.weight_noise, ev.weight_noise_mode
+    if ev.sites != "all":
+        out["sites"] = ev.sites
     return out.sort_values(["arch", "data", "sigma_train", "seed", "model_id", "sigma_val", "repeat"], kind="stable").reset_index(drop=True)
 
 

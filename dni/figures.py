@@ -187,3 +187,22 @@ def fig_vote(table: pd.DataFrame, title: str = ""):
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.legend(frameon=False, fontsize=6)
     return fig
+
+
+def fig_walk(table: pd.DataFrame, title: str = ""):
+    """Accuracy drop when noise is injected at one site at a time, per sigma_val."""
+    sites = [s for s in dict.fromkeys(table["sites"]) if s != "none"]
+    sigmas = sorted(table["sigma_val"].unique())
+    fig, ax = plt.subplots(figsize=(3.4, 0.35 * len(sites) * max(len(sigmas), 1) + 0.9), layout="constrained")
+    height = 0.8 / len(sigmas)
+    smax = max(max(sigmas), 1e-9)
+    for j, sv in enumerate(sigmas):
+        t = table[(table["sigma_val"] == sv)].set_index("sites").loc[sites]
+        y = np.arange(len(sites)) + j * height
+        err = (t["ci_high"] - t["mean"]).fillna(0) * 100
+        ax.barh(y, 100 * t["drop"], height=height, xerr=err, color=STEP_CMAP(sv / smax), label=f"σ_val = {sv:g}", capsize=2)
+    ax.set_yticks(np.arange(len(sites)) + 0.4 - height / 2, sites)
+    ax.invert_yaxis()
+    ax.set(xlabel="accuracy drop (percentage points)", ylabel="noisy site", title=title)
+    ax.legend(frameon=False, fontsize=6)
+    return fig

@@ -83,12 +83,47 @@ class NoisyRecurrent(nn.Module):
         xt = x.transpose(0, 1).reshape(steps * batch, self.input_size)
         return torch.addmm(self.bias, xt, w_x.t()).view(steps, batch, -1)
 
+    def site_names(self) -> tuple[str, ...]:
+        """The noise sites of this architecture: its gate products and ``out``."""
+        return (*self.gate_names, "out")
+
+    def parse_sites(self, sites: str | None) -> frozenset[str] | None:
+        """``all`` / None -> None (every product noisy); else a set of site names.
+        ``cell`` stands for every product inside the recurrent cell."""
+        if sites is None or sites == "all":
+            return None
+        names = set()
+        for item in str(sites).split(","):
+            item = item.strip()
+            if item == "cell":
+                names.update(self.site_names()[:-1])
+            elif item in self.site_names() or item == "none":
+                names.add(item)
+            else:
+                raise SpecError(f"unknown noise site {item!r} for {self.arch}; choose from all, cell, none, {', '.join(self.site_names())}")
+        names.discard("none")
+        return frozenset(names)
+
+    def _noisy(self, pre: torch.Tensor, noise: NoiseModel, generator, sites: frozenset[str] | None, names: tuple[str, ...]) -> torch.Tensor:
+        """Apply ``noise`` to the blocks of ``pre`` (one per name in ``names``) that are sites."""
+        if sites is None:
+            return noise(pre, generator)
+        chosen = [n in sites for n in names]
+        if not any(chosen):
+            return pre
+        if all(chosen):
+            return noise(pre, generator)
+        width = pre.shape[1] // len(names)
+        mask = torch.tensor(chosen, device=pre.device).repeat_interleave(width)
+        return torch.where(mask, noise(pre.clone(), generator), pre)
+
     def recur(
         self,
         xp: torch.Tensor,
         noise: NoiseModel,
         generator: torch.Generator | None = None,
         observer: StepObserver | None = None,
+        sites: str | None = None,
     ) -> torch.Tensor:
         """Run the noisy recurrence over projected inputs and return noisy logits.
 
@@ -97,7 +132,12 @@ class NoisyRecurrent(nn.Module):
             noise: noise model applied after each matrix-vector product.
             generator: source of the noise draws (``None``: torch's global generator).
             observer: optional callback receiving each step's states.
+            sites: which products are noisy: ``all`` (default), or a comma list of
+                :meth:`site_names` (``cell`` = every product in the cell, ``none``).
         """
+        chosen = self.parse_sites(sites)
+        if chosen is not None:
+            return self._recur_sites(xp, noise, generator, observer, chosen)
         w_h = self.weight[:, self.input_size :]
         batch = xp.shape[1]
         h = xp.new_zeros(batch, self.hidden_size)
@@ -121,6 +161,17 @@ class NoisyRecurrent(nn.Module):
                 observer(t, h, c)
         return noise(self.fc(h), generator)
 
+    def _recur_sites(self, xp, noise, generator, observer, sites):
+        w_h = self.weight[:, self.input_size :]
+        h = xp.new_zeros(xp.shape[1], self.hidden_size)
+        c = xp.new_zeros(xp.shape[1], self.hidden_size) if self.arch == "lstm" else None
+        for t, xp_t in enumerate(xp.unbind(0)):
+            pre = self._noisy(torch.addmm(xp_t, h, w_h.t()), noise, generator, sites, self.gate_names)
+            h, c = self.step(pre, c)
+            if observer is not None:
+                observer(t, h, c)
+        return self._noisy(self.fc(h), noise, generator, sites, ("out",))
+
     def step(self, pre: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Element-wise part of one cell: pre-activations -> (h_t, c_t)."""
         raise NotImplementedError
@@ -131,9 +182,10 @@ class NoisyRecurrent(nn.Module):
         noise: NoiseModel,
         generator: torch.Generator | None = None,
         observer: StepObserver | None = None,
+        sites: str | None = None,
     ) -> torch.Tensor:
         """Noisy logits for inputs of shape (batch, steps, input_size)."""
-        return self.recur(self.project(x), noise, generator, observer)
+        return self.recur(self.project(x), noise, generator, observer, sites)
 
 
 class NoisyRNN(NoisyRecurrent):
@@ -197,20 +249,25 @@ class NoisyGRU(NoisyRecurrent):
     gate_names = ("r", "u", "n")
     noisy_products = 4
 
-    def recur(self, xp, noise, generator=None, observer=None):
+    def site_names(self) -> tuple[str, ...]:
+        return ("r", "u", "nx", "nh", "out")
+
+    def recur(self, xp, noise, generator=None, observer=None, sites=None):
+        chosen = self.parse_sites(sites)
         hs = self.hidden_size
         w_h = self.weight[:, self.input_size :]
         w_ru, w_nh = w_h[: 2 * hs], w_h[2 * hs :]
         h = xp.new_zeros(xp.shape[1], hs)
         for t, xp_t in enumerate(xp.unbind(0)):
-            r, u = torch.sigmoid(noise(torch.addmm(xp_t[:, : 2 * hs], h, w_ru.t()), generator)).chunk(2, dim=1)
-            n_x = noise(xp_t[:, 2 * hs :].clone(), generator)  # clone: xp is shared by many passes
-            n_h = noise(h @ w_nh.t(), generator)
+            ru = self._noisy(torch.addmm(xp_t[:, : 2 * hs], h, w_ru.t()), noise, generator, chosen, ("r", "u"))
+            r, u = torch.sigmoid(ru).chunk(2, dim=1)
+            n_x = self._noisy(xp_t[:, 2 * hs :].clone(), noise, generator, chosen, ("nx",))  # clone: xp is shared
+            n_h = self._noisy(h @ w_nh.t(), noise, generator, chosen, ("nh",))
             n = torch.tanh(n_x + r * n_h)
             h = (1 - u) * n + u * h
             if observer is not None:
                 observer(t, h, None)
-        return noise(self.fc(h), generator)
+        return self._noisy(self.fc(h), noise, generator, chosen, ("out",))
 
 
 _MODELS: dict[str, type[NoisyRecurrent]] = {"lstm": NoisyLSTM, "rnn": NoisyRNN, "gru": NoisyGRU}

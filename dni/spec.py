@@ -71,6 +71,7 @@ class TrainSpec:
     val_size: int = 5000  # held out from the 60,000 training digits for model selection
     limit_train: int | None = None  # use only the first N training digits (smoke runs)
     seed: int = 0
+    sites: str = "all"  # which matrix-vector products are noisy (see NoisyRecurrent.parse_sites)
 
     def __post_init__(self) -> None:
         _check_choice("architecture", self.arch, ARCHS)
@@ -106,9 +107,20 @@ class TrainSpec:
 
     @property
     def model_id(self) -> str:
-        """Readable, unique id derived from the full spec."""
-        digest = hashlib.sha256(canonical_json({"v": SPEC_VERSION, **self.to_dict()}).encode()).hexdigest()[:10]
+        """Readable, unique id derived from the full spec.
+
+        Fields added after version 1 are left out of the hash while they hold their
+        default, so existing stores keep their ids.
+        """
+        fields = self.to_dict()
+        for name, default in _LATER_FIELDS.items():
+            if fields[name] == default:
+                del fields[name]
+        digest = hashlib.sha256(canonical_json({"v": SPEC_VERSION, **fields}).encode()).hexdigest()[:10]
         return f"{self.arch}-{self.data}-st{self.sigma_train:g}-s{self.seed}-{digest}"
+
+
+_LATER_FIELDS = {"sites": "all"}
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,7 @@ class EvalSpec:
     rng: str = "philox"  # noise generator: philox (dni's counter-based stream) or torch
     weight_noise: float = 0.0  # programming noise on the weights, redrawn per repeat
     weight_noise_mode: str = "absolute"  # absolute std, or relative to each tensor's max |w|
+    sites: str = "all"  # which matrix-vector products are noisy at inference
 
     def __post_init__(self) -> None:
         grid = tuple(canonical_float(check_sigma(s, "sigma_val")) for s in self.sigma_val)
@@ -148,8 +161,10 @@ class EvalSpec:
     def protocol(self) -> dict[str, Any]:
         """The fields that fix the numbers of one cell (not which cells are wanted)."""
         protocol = {"noise": self.noise, "limit_test": self.limit_test, "batch_size": self.batch_size, "seed": self.seed, "rng": self.rng}
-        if self.weight_noise:  # added in 0.1: left out when unused, so existing ids stay valid
+        if self.weight_noise:  # added later: left out when unused, so existing ids stay valid
             protocol.update(weight_noise=self.weight_noise, weight_noise_mode=self.weight_noise_mode)
+        if self.sites != "all":
+            protocol["sites"] = self.sites
         return protocol
 
     @property

@@ -52,6 +52,7 @@ def accuracy(
     noise: NoiseModel,
     generator: torch.Generator | None,
     batch_size: int = 1000,
+    sites: str = "all",
 ) -> float:
     """Fraction of ``ds`` classified correctly in one (noisy) pass."""
     model.eval()
@@ -60,7 +61,7 @@ def accuracy(
     for start in range(0, len(ds), batch_size):
         x = ds.x[start : start + batch_size].to(device)
         y = ds.y[start : start + batch_size].to(device)
-        correct += int((model(x, noise, generator).argmax(1) == y).sum())
+        correct += int((model(x, noise, generator, sites=sites).argmax(1) == y).sum())
     return correct / max(len(ds), 1)
 
 
@@ -120,6 +121,7 @@ def train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(spec.seed, "init"))
         model = build_model(spec.arch, full.inputs, spec.hidden_size).to(device)
+    model.parse_sites(spec.sites)  # fail early on an unknown site
     noise = make_noise(spec.noise, spec.sigma_train)
     clean = make_noise(spec.noise, 0.0)
     noise_gen = make_generator(derive_seed(spec.seed, "train-noise"), device)
@@ -140,7 +142,7 @@ def train(
             perm = torch.randperm(len(train_ds), generator=shuffle_gen).to(device)
             for b, idx in enumerate(perm.split(spec.batch_size), start=1):
                 x, y = x_all[idx], y_all[idx]
-                logits = model(x, noise, noise_gen)
+                logits = model(x, noise, noise_gen, sites=spec.sites)
                 loss = F.cross_entropy(logits, y)
                 if not torch.isfinite(loss):
                     raise DivergenceError(
@@ -157,7 +159,7 @@ def train(
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise DivergenceError(f"training diverged in epoch {epoch}: weights became non-finite")
             # A fixed generator per evaluation makes epochs comparable (same noise draws).
-            val_acc = accuracy(model, val_ds, noise, make_generator(derive_seed(spec.seed, "val-noise"), device)) if len(val_ds) else float("nan")
+            val_acc = accuracy(model, val_ds, noise, make_generator(derive_seed(spec.seed, "val-noise"), device), sites=spec.sites) if len(val_ds) else float("nan")
             row = {
                 "epoch": epoch,
                 "lr": lr,

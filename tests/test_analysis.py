@@ -68,3 +68,18 @@ def test_robustness_and_vote_cli(tmp_path, fixture_data):
     assert len(pd.read_csv(tmp_path / "v.csv")) == 2 * 2 * 2
     bad = r.invoke(app, ["vote", "--store", str(store), "--model", "rnn", "--k", "0"])
     assert bad.exit_code == 1 and "between 1 and 999" in bad.output
+
+
+def test_walk_reports_every_site(tmp_path, fixture_data):
+    from dni.analysis import walk
+    from dni.spec import TrainSpec
+    from dni.store import Store
+
+    store = Store(tmp_path)
+    torch.manual_seed(0)
+    store.save_model(TrainSpec(arch="gru"), build_model("gru", 28), {})
+    table = walk(store, TrainSpec(arch="gru").model_id, EvalSpec(sigma_val=(1.0,), repeats=2, limit_test=40, batch_size=20))
+    assert list(table["sites"]) == ["none", "r", "u", "nx", "nh", "out", "all"]
+    assert table.loc[table["sites"] == "none", "drop"].item() == 0.0
+    again = walk(store, TrainSpec(arch="gru").model_id, EvalSpec(sigma_val=(1.0,), repeats=2, limit_test=40, batch_size=20))
+    pd.testing.assert_frame_equal(table, again)  # stored cells, same numbers

@@ -142,3 +142,47 @@ def test_gru_does_not_modify_the_shared_projection():
         before = xp.clone()
         model.recur(xp, AdditiveGaussian(1.0), torch.Generator().manual_seed(0))
     assert torch.equal(xp, before)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "rnn", "gru"])
+def test_noise_sites(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 28)
+    x = torch.rand(6, 28, 28)
+    noise = AdditiveGaussian(1.0)
+
+    def run(sites, seed=0):
+        states = []
+        with torch.no_grad():
+            out = model(x, noise, torch.Generator().manual_seed(seed), observer=lambda t, h, c: states.append(h.clone()), sites=sites)
+        return out, torch.stack(states)
+
+    clean, clean_states = run("none")
+    with torch.no_grad():
+        assert torch.allclose(clean, model(x, AdditiveGaussian(0.0)), atol=1e-6)
+    out_only, out_states = run("out")
+    assert torch.equal(out_states, clean_states) and not torch.equal(out_only, clean)
+    cell_only, cell_states = run("cell")
+    assert not torch.equal(cell_states, clean_states)
+    first = model.site_names()[0]
+    one, _ = run(first)
+    assert not torch.equal(one, clean)
+    with pytest.raises(SpecError, match="unknown noise site"):
+        run("q")
+
+
+def test_some_gates_only_leaves_the_other_gates_exact():
+    torch.manual_seed(0)
+    model = build_model("lstm", 28)
+    seen = []
+
+    class Spy:
+        is_noiseless = False
+
+        def __call__(self, pre, generator):
+            seen.append(pre.shape)
+            return pre + 1.0  # a visible perturbation
+
+    pre = torch.zeros(2, 512)
+    out = model._noisy(pre, Spy(), None, frozenset({"f", "o"}), model.gate_names)
+    assert out[:, :128].eq(0).all() and out[:, 128:256].eq(1).all() and out[:, 256:384].eq(0).all() and out[:, 384:].eq(1).all()
