@@ -165,3 +165,76 @@ def walk(store, model_id: str, ev: EvalSpec, data_dir=None, device="cpu") -> pd.
     summary["drop"] = clean - summary["mean"]
     order = {s: i for i, s in enumerate(sites)}
     return summary.sort_values(["sigma_val", "sites"], key=lambda c: c.map(order) if c.name == "sites" else c).reset_index(drop=True)
+
+
+class PowerMeter:
+    """A 'noise model' that changes nothing and measures the mean power E[y²] of every
+    pre-activation it is applied to (all noisy matrix-vector products of a pass)."""
+
+    is_noiseless = True
+
+    def __init__(self):
+        self.sum_sq = 0.0
+        self.count = 0
+
+    def __call__(self, pre: torch.Tensor, generator) -> torch.Tensor:
+        self.sum_sq += float(pre.detach().double().pow(2).sum())
+        self.count += pre.numel()
+        return pre
+
+    @property
+    def power(self) -> float:
+        return self.sum_sq / max(self.count, 1)
+
+
+@torch.no_grad()
+def signal_power(model: NoisyRecurrent, test: Dataset, batch_size: int = 1000) -> float:
+    """Mean power of the pre-activations at the noise sites in a noise-free pass."""
+    meter = PowerMeter()
+    model.eval()
+    for start in range(0, len(test), batch_size):
+        model(test.x[start : start + batch_size], meter, None)
+    return meter.power
+
+
+def snr_db(noise: str, sigma: float, power: float) -> float:
+    """Signal-to-noise ratio (dB) that noise ``noise`` of strength ``sigma`` gives on
+    pre-activations of mean power ``power`` (inf when sigma = 0)."""
+    import math
+
+    if sigma == 0:
+        return math.inf
+    name, _, arg = noise.partition(":")
+    if name == "additive":
+        noise_power = sigma**2
+    elif name in ("multiplicative", "relative"):
+        noise_power = sigma**2 * power
+    elif name == "mixed":
+        r = float(arg) if arg else 0.5
+        noise_power = (r * sigma) ** 2 * power + ((1 - r) * sigma) ** 2
+    else:
+        from dni.errors import SpecError
+
+        raise SpecError(f"no SNR formula for noise model {noise!r}")
+    return 10 * math.log10(power / noise_power)
+
+
+def model_powers(store, model_ids, data_dir=None, limit_test: int | None = 2000) -> dict[str, float]:
+    """Signal power per model, measured on the first test digits and cached in the store."""
+    import json
+
+    from dni.data import load_dataset
+
+    out = {}
+    for mid in model_ids:
+        path = store.model_dir(mid) / f"signal-power-{limit_test}.json"
+        if path.is_file():
+            out[mid] = json.loads(path.read_text())["power"]
+            continue
+        stored = store.load_model(mid)
+        test = load_dataset(stored.spec.data, "test", data_dir, stroke_repr=stored.spec.stroke_repr, limit=limit_test)
+        out[mid] = signal_power(stored.model, test)
+        from dni.store import atomic_write
+
+        atomic_write(path, json.dumps({"power": out[mid], "limit_test": limit_test}).encode())
+    return out

@@ -518,9 +518,11 @@ def plot_accuracy_cli(
     summary_csv: Annotated[Optional[Path], typer.Option("--summary", help="Summary CSV (default: every sweep summary in the store).")] = None,
     sigma_train: Annotated[Optional[str], typer.Option("--sigma-train", help="Only these sigma_train values (grid).")] = None,
     store: StoreOpt = Path("store"),
+    x: Annotated[str, typer.Option("--x", help="x axis: sigma (σ_val) or snr (measured SNR of the pre-activations, dB; needs the models in --store).")] = "sigma",
     out_file: Annotated[Path, typer.Option("--out", help="Output file (.png or .pdf).")] = Path("accuracy.png"),
+    data_dir: DataDirOpt = None,
 ):
-    """Accuracy and error rate vs sigma_val, one curve per sigma_train, for any results."""
+    """Accuracy and error rate vs sigma_val (or SNR), one curve per sigma_train, for any results."""
     from dni import figures
     from dni.figdata import accuracy_curves
     from dni.spec import parse_grid
@@ -529,11 +531,20 @@ def plot_accuracy_cli(
         summary = _summary_for(summary_csv, store, arch, data)
         if sigma_train is not None:
             summary = summary[summary["sigma_train"].isin(parse_grid(sigma_train, "--sigma-train"))]
+        if x not in ("sigma", "snr"):
+            raise SpecError("--x must be sigma or snr")
+        powers = None
+        if x == "snr":
+            from dni.analysis import model_powers
+            from dni.store import Store
+
+            sel = summary[(summary["arch"] == arch) & (summary["data"] == data)]
+            powers = model_powers(Store(store), sorted(sel["model_id"].unique()), data_dir)
         try:
-            curves = accuracy_curves(summary, arch, data)
+            curves = accuracy_curves(summary, arch, data, powers)
         except (ValueError, KeyError) as exc:
             raise DniError(str(exc)) from None
-        fig = figures.fig_accuracy([(f"{arch}, {data}", curves)])
+        fig = figures.fig_accuracy([(f"{arch}, {data}", curves)], "snr_db" if x == "snr" else "sigma_val")
         _save_single(fig, out_file)
 
 

@@ -40,10 +40,14 @@ def paths(results: Path, arch: str, data: str) -> dict[str, Path]:
     }
 
 
-def accuracy_curves(summary: pd.DataFrame, arch: str | None = None, data: str | None = None) -> pd.DataFrame:
+def accuracy_curves(
+    summary: pd.DataFrame, arch: str | None = None, data: str | None = None, powers: dict[str, float] | None = None
+) -> pd.DataFrame:
     """Accuracy and error-rate curves (Figs. 2, 10): one row per (sigma_train, sigma_val).
 
-    Multiple training seeds are averaged (their spread is in ``summary-seeds.csv``).
+    Multiple training seeds are averaged (their spread is in ``summary-seeds.csv``). With
+    ``powers`` (signal power per model id) a column ``snr_db`` gives each point's measured
+    signal-to-noise ratio (averaged over seeds).
     """
     df = summary
     if arch is not None:
@@ -52,8 +56,15 @@ def accuracy_curves(summary: pd.DataFrame, arch: str | None = None, data: str | 
         df = df[df["data"] == data]
     if df.empty:
         raise ValueError(f"no results for arch={arch} data={data}")
+    if powers is not None:
+        from dni.analysis import snr_db
+
+        df = df.assign(snr_db=[snr_db(nv, sv, powers[m]) for nv, sv, m in zip(df["noise_val"], df["sigma_val"], df["model_id"])])
     g = df.groupby(["sigma_train", "sigma_val"], sort=True)
-    out = g.agg(mean=("mean", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"), n=("n", "sum")).reset_index()
+    aggs = {"mean": ("mean", "mean"), "ci_low": ("ci_low", "mean"), "ci_high": ("ci_high", "mean"), "n": ("n", "sum")}
+    if powers is not None:
+        aggs["snr_db"] = ("snr_db", "mean")
+    out = g.agg(**aggs).reset_index()
     out["error"] = 1.0 - out["mean"]
     out["error_low"] = 1.0 - out["ci_high"]
     out["error_high"] = 1.0 - out["ci_low"]

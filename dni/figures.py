@@ -49,31 +49,38 @@ def _sigma_colorbar(fig, axes) -> None:
     cb.set_label("σ_train")
 
 
-def draw_accuracy(ax_acc, ax_err, curves: pd.DataFrame, title: str | None = None) -> None:
-    """Accuracy vs sigma_val and error rate (log scale), one curve per sigma_train, 95% CI
-    bands, and the red reference line at (sigma_train = 0, sigma_val = 0)."""
+def draw_accuracy(ax_acc, ax_err, curves: pd.DataFrame, title: str | None = None, x: str = "sigma_val") -> None:
+    """Accuracy vs sigma_val (or the measured SNR, ``x="snr_db"``) and error rate (log
+    scale), one curve per sigma_train, 95% CI bands, and the red reference line at
+    (sigma_train = 0, sigma_val = 0)."""
     base = reference_accuracy(curves)
+    if x == "snr_db":
+        curves = curves[np.isfinite(curves["snr_db"])]  # sigma_val = 0 is at infinite SNR
     for st, c in curves.groupby("sigma_train"):
         col = sigma_color(st)
-        ax_acc.plot(c["sigma_val"], 100 * c["mean"], color=col, marker="o", ms=2)
-        ax_acc.fill_between(c["sigma_val"], 100 * c["ci_low"], 100 * c["ci_high"], color=col, alpha=0.25, lw=0)
-        ax_err.plot(c["sigma_val"], 100 * c["error"], color=col, marker="o", ms=2)
-        ax_err.fill_between(c["sigma_val"], 100 * c["error_low"].clip(lower=1e-3), 100 * c["error_high"], color=col, alpha=0.25, lw=0)
+        ax_acc.plot(c[x], 100 * c["mean"], color=col, marker="o", ms=2)
+        ax_acc.fill_between(c[x], 100 * c["ci_low"], 100 * c["ci_high"], color=col, alpha=0.25, lw=0)
+        ax_err.plot(c[x], 100 * c["error"], color=col, marker="o", ms=2)
+        ax_err.fill_between(c[x], 100 * c["error_low"].clip(lower=1e-3), 100 * c["error_high"], color=col, alpha=0.25, lw=0)
     if np.isfinite(base):
         ax_acc.axhline(100 * base, color="red", lw=0.8)
         ax_err.axhline(100 * (1 - base), color="red", lw=0.8)
-    ax_acc.set(xlabel="σ_val", ylabel="accuracy (%)")
-    ax_err.set(xlabel="σ_val", ylabel="error rate (%)", yscale="log")
+    label = "σ_val" if x == "sigma_val" else "measured SNR of the pre-activations (dB)"
+    ax_acc.set(xlabel=label, ylabel="accuracy (%)")
+    ax_err.set(xlabel=label, ylabel="error rate (%)", yscale="log")
+    if x == "snr_db":  # noise grows to the right, as on the σ axis
+        ax_acc.invert_xaxis()
+        ax_err.invert_xaxis()
     _plain_log_axis(ax_err)
     if title:
         ax_acc.set_title(title, loc="left")
 
 
-def fig_accuracy(panels: list[tuple[str, pd.DataFrame]]):
+def fig_accuracy(panels: list[tuple[str, pd.DataFrame]], x: str = "sigma_val"):
     """Figs. 2 and 10: a row (accuracy, error rate) per panel."""
     fig, axes = plt.subplots(len(panels), 2, figsize=(FULL_WIDTH, 2.4 * len(panels)), squeeze=False, layout="constrained")
     for (title, curves), (ax_acc, ax_err) in zip(panels, axes):
-        draw_accuracy(ax_acc, ax_err, curves, title)
+        draw_accuracy(ax_acc, ax_err, curves, title, x)
     _sigma_colorbar(fig, axes)
     return fig
 

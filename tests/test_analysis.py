@@ -83,3 +83,38 @@ def test_walk_reports_every_site(tmp_path, fixture_data):
     assert table.loc[table["sites"] == "none", "drop"].item() == 0.0
     again = walk(store, TrainSpec(arch="gru").model_id, EvalSpec(sigma_val=(1.0,), repeats=2, limit_test=40, batch_size=20))
     pd.testing.assert_frame_equal(table, again)  # stored cells, same numbers
+
+
+def test_snr_formulas_and_power_meter(fixture_data):
+    import math
+
+    from dni.analysis import PowerMeter, signal_power, snr_db
+
+    assert snr_db("additive", 0.5, 1.0) == pytest.approx(10 * math.log10(4))
+    assert snr_db("relative", 0.1, 123.0) == pytest.approx(20.0)
+    assert snr_db("multiplicative", 1.0, 5.0) == pytest.approx(0.0)
+    assert snr_db("mixed:0.5", 1.0, 1.0) == pytest.approx(10 * math.log10(1 / 0.5))
+    assert snr_db("additive", 0.0, 1.0) == math.inf
+    meter = PowerMeter()
+    meter(torch.full((2, 3), 2.0), None)
+    assert meter.power == pytest.approx(4.0)
+    torch.manual_seed(0)
+    model = build_model("lstm", 28)
+    test = load_dataset("rows", "test", limit=30)
+    assert signal_power(model, test) > 0
+
+
+def test_accuracy_plot_against_snr(tmp_path, fixture_data):
+    from typer.testing import CliRunner
+
+    from dni.cli import app
+
+    r = CliRunner()
+    store = tmp_path / "store"
+    for s in ("0", "1"):
+        assert r.invoke(app, ["train", "--arch", "rnn", "--sigma-train", s, "--store", str(store), "--limit-train", "120", "--val-size", "20", "--epochs", "1"]).exit_code == 0
+    assert r.invoke(app, ["evaluate", "--store", str(store), "--sigma-val", "0,0.5,1", "--repeats", "2", "--limit-test", "40", "--out", str(tmp_path / "r.csv")]).exit_code == 0
+    res = r.invoke(app, ["plot-accuracy", "--arch", "rnn", "--summary", str(tmp_path / "r-summary.csv"), "--store", str(store), "--x", "snr", "--out", str(tmp_path / "snr.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "snr.png").stat().st_size > 5000
+    assert len(list(store.rglob("signal-power-*.json"))) == 2  # cached per model
