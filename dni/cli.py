@@ -95,6 +95,7 @@ SigmaValOpt = Annotated[str, typer.Option("--sigma-val", help="Inference noise g
 RepeatsOpt = Annotated[int, typer.Option(help="Independent noisy passes per sigma_val.")]
 EvalSeedOpt = Annotated[int, typer.Option("--eval-seed", help="Seed of the inference noise.")]
 EvalBatchOpt = Annotated[int, typer.Option("--eval-batch-size", help="Test digits per batch (fixes the noise layout).")]
+NoiseSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the inference noise.")]
 RngOpt = Annotated[str, typer.Option("--rng", help="Inference noise generator: philox (dni's, fast on CPU) or torch.")]
 NoiseTrainOpt = Annotated[str, typer.Option("--noise-train", help="Training noise model: additive, multiplicative, mixed:R, relative.")]
 NoiseValOpt = Annotated[str, typer.Option("--noise-val", help="Inference noise model: additive, multiplicative, mixed:R, relative.")]
@@ -268,7 +269,7 @@ def evaluate_cli(
     sigma_val: SigmaValOpt = "0:1:0.1",
     repeats: RepeatsOpt = 40,
     limit_test: LimitTestOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed of the inference noise.")] = 0,
+    seed: NoiseSeedOpt = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Test digits per batch (fixes the noise layout).")] = 1000,
     rng: RngOpt = "philox",
     noise_val: NoiseValOpt = "additive",
@@ -659,7 +660,7 @@ def vote_cli(
     sigma_val: SigmaValOpt = "0.5,1",
     repeats: RepeatsOpt = 5,
     limit_test: LimitTestOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed of the inference noise.")] = 0,
+    seed: NoiseSeedOpt = 0,
     noise_val: NoiseValOpt = "additive",
     rng: RngOpt = "philox",
     store: StoreOpt = Path("store"),
@@ -711,7 +712,7 @@ def walk_cli(
     repeats: RepeatsOpt = 10,
     limit_test: LimitTestOpt = None,
     noise_val: NoiseValOpt = "additive",
-    seed: Annotated[int, typer.Option(help="Seed of the inference noise.")] = 0,
+    seed: NoiseSeedOpt = 0,
     store: StoreOpt = Path("store"),
     out_csv: Annotated[Path, typer.Option("--out", help="Per-site summary (CSV).")] = Path("walk.csv"),
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the accuracy drop per site.")] = None,

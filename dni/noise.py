@@ -98,13 +98,8 @@ def gaussian(
 
 
 @dataclass(frozen=True)
-class AdditiveGaussian:
-    """Additive Gaussian noise z ~ N(0, sigma²), one independent draw per element (Eq. 2).
-
-    Every call draws fresh noise, so each time step, each sample and each forward pass
-    sees independent noise. ``sigma == 0`` returns the input unchanged (exactly the
-    noise-free network, no random numbers drawn).
-    """
+class _GaussianNoise:
+    """What every noise model of strength ``sigma`` shares: validation, the noiseless test."""
 
     sigma: float = 0.0
 
@@ -114,6 +109,16 @@ class AdditiveGaussian:
     @property
     def is_noiseless(self) -> bool:
         return self.sigma == 0.0
+
+
+@dataclass(frozen=True)
+class AdditiveGaussian(_GaussianNoise):
+    """Additive Gaussian noise z ~ N(0, sigma²), one independent draw per element (Eq. 2).
+
+    Every call draws fresh noise, so each time step, each sample and each forward pass
+    sees independent noise. ``sigma == 0`` returns the input unchanged (exactly the
+    noise-free network, no random numbers drawn).
+    """
 
     def __call__(self, pre: torch.Tensor, generator: Generator) -> torch.Tensor:
         if self.sigma == 0.0:
@@ -127,17 +132,8 @@ class AdditiveGaussian:
 
 
 @dataclass(frozen=True)
-class MultiplicativeGaussian:
+class MultiplicativeGaussian(_GaussianNoise):
     """Multiplicative noise y·(1 + z), z ~ N(0, sigma²) (Walking Noise, Borras et al.)."""
-
-    sigma: float = 0.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sigma", check_sigma(self.sigma))
-
-    @property
-    def is_noiseless(self) -> bool:
-        return self.sigma == 0.0
 
     def __call__(self, pre: torch.Tensor, generator: Generator) -> torch.Tensor:
         if self.sigma == 0.0:
@@ -146,21 +142,16 @@ class MultiplicativeGaussian:
 
 
 @dataclass(frozen=True)
-class MixedGaussian:
+class MixedGaussian(_GaussianNoise):
     """Mixed noise y·(1 + r·z₁) + (1 − r)·z₂ with z₁, z₂ ~ N(0, sigma²) independent:
     ``ratio`` r in [0, 1] is the multiplicative share (Walking Noise's mixed model)."""
 
-    sigma: float = 0.0
     ratio: float = 0.5
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sigma", check_sigma(self.sigma))
+        super().__post_init__()
         if not 0.0 <= float(self.ratio) <= 1.0:
             raise SpecError(f"mixed noise ratio must be in [0, 1], got {self.ratio!r}")
-
-    @property
-    def is_noiseless(self) -> bool:
-        return self.sigma == 0.0
 
     def __call__(self, pre: torch.Tensor, generator: Generator) -> torch.Tensor:
         if self.sigma == 0.0:
@@ -171,21 +162,12 @@ class MixedGaussian:
 
 
 @dataclass(frozen=True)
-class RelativeGaussian:
+class RelativeGaussian(_GaussianNoise):
     """Signal-relative noise y + sigma·rms(y)·z: the noise std is ``sigma`` times the
     root-mean-square of each pre-activation vector (per sample, over its units), so
     ``sigma`` fixes the signal-to-noise ratio SNR = -20·log10(sigma) dB (0 dB: sigma = 1).
     As in Qin & Vucinic, "Noisy computations during inference: harmful or helpful?". The
     measured power is treated as a constant in training (no gradient through it)."""
-
-    sigma: float = 0.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sigma", check_sigma(self.sigma))
-
-    @property
-    def is_noiseless(self) -> bool:
-        return self.sigma == 0.0
 
     def __call__(self, pre: torch.Tensor, generator: Generator) -> torch.Tensor:
         if self.sigma == 0.0:
