@@ -438,10 +438,12 @@ def reproduce_cli(
     cpus: Annotated[int, typer.Option(help="Slurm CPUs per job.")] = 1,
     mem_gb: Annotated[float, typer.Option("--mem-gb", help="Slurm memory per job (GB).")] = 4.0,
     slurm_config: Annotated[Optional[Path], typer.Option("--slurm-config", help="JSON file of extra submitit slurm_* parameters.")] = None,
+    cases: Annotated[Optional[str], typer.Option("--cases", help="Only these cases, e.g. lstm-rows,rnn-rows (default: all three).")] = None,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
 ):
     """Reproduce the paper end to end: sweeps, state histograms, weights, Figs. 2-10, comparison."""
+    from dni.figdata import CASES
     from dni.paper import PRESETS, reproduce
     from dni.store import Store
 
@@ -452,7 +454,14 @@ def reproduce_cli(
         st = Store(store or results / "store")
         ex = make_executor(executor, jobs, threads, device, data_dir, partition, time_min, gpus, cpus, mem_gb, slurm_config)
         out.print(f"preset {p.name}: {p.description}")
-        res = reproduce(p, st, results, figures_dir, ex, data_dir, str(resolve_device(device)), _reporter())
+        chosen = CASES
+        if cases:
+            names = {f"{a}-{d}": (a, d) for a, d in CASES}
+            unknown = [c for c in cases.split(",") if c not in names]
+            if unknown:
+                raise SpecError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+            chosen = tuple(names[c] for c in cases.split(","))
+        res = reproduce(p, st, results, figures_dir, ex, data_dir, str(resolve_device(device)), _reporter(), chosen)
         prov = res["provenance"]
         out.print(f"done in {prov['this_run_seconds']:.0f}s: {len(res['figures'])} figure files in {figures_dir}, "
                   f"tables and comparison.md in {results}")

@@ -160,7 +160,7 @@ def accuracy_panels(summary_by_case: dict[tuple[str, str], pd.DataFrame], cases)
     labels = {("lstm", "rows"): "LSTM, image rows (Table I)", ("lstm", "strokes"): "LSTM, pen strokes (Table II)",
               ("rnn", "rows"): "vanilla RNN, image rows (Table III)", ("rnn", "strokes"): "vanilla RNN, pen strokes"}
     return [(f"({'abcdefgh'[i]}) {labels.get(c, ' '.join(c))}" if len(cases) > 1 else labels.get(c, " ".join(c)),
-             accuracy_curves(summary_by_case[c], *c)) for i, c in enumerate(cases)]
+             accuracy_curves(summary_by_case[c], *c)) for i, c in enumerate(cases) if c in summary_by_case]
 
 
 def fig_robustness(table: pd.DataFrame, title: str = ""):

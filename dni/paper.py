@@ -39,9 +39,9 @@ class Preset:
     epochs: int | None = None  # None: the recipe's per-case default
     description: str = ""
 
-    def sweeps(self) -> list[SweepSpec]:
+    def sweeps(self, cases=CASES) -> list[SweepSpec]:
         out = []
-        for arch, data in CASES:
+        for arch, data in cases:
             base = TrainSpec(arch=arch, data=data, epochs=self.epochs, limit_train=self.limit_train, val_size=self.val_size)
             out.append(SweepSpec(base, self.sigma_train, (0,), self.eval))
         return out
@@ -83,8 +83,22 @@ def _need(path: Path) -> Path:
     return path
 
 
+def figure_inputs(n: int, results: Path) -> list[Path]:
+    """The tables figure ``n`` is drawn from."""
+    if n in (2, 10):
+        cases = [("lstm", "rows"), ("lstm", "strokes")] if n == 2 else [("rnn", "rows")]
+        return [paths(results, *c)["summary"] for c in cases]
+    data = "rows" if n in (3, 4, 5) else "strokes"
+    p = paths(results, "lstm", data)
+    return {3: [p["states"]], 4: [p["states"]], 7: [p["states"]], 8: [p["states"]], 5: [p["weights"], p["power"]],
+            9: [p["weights"], p["power"]], 6: [p["lengths"]]}[n]
+
+
 def draw_figure(n: int, results: Path, out: Path) -> list[Path]:
-    """Draw paper figure ``n`` from the tables in ``results`` into ``out`` (PNG + PDF)."""
+    """Draw paper figure ``n`` from the tables in ``results`` into ``out`` (PNG + PDF).
+
+    Figure 2 is drawn with the panels whose tables exist (the panel letters stay fixed).
+    """
     from dni import figures
     from dni.errors import DniError
 
@@ -93,7 +107,8 @@ def draw_figure(n: int, results: Path, out: Path) -> list[Path]:
     summary = lambda a, d: pd.read_csv(_need(paths(results, a, d)["summary"]))  # noqa: E731
     if n in (2, 10):
         cases = [("lstm", "rows"), ("lstm", "strokes")] if n == 2 else [("rnn", "rows")]
-        fig = figures.fig_accuracy(figures.accuracy_panels({c: summary(*c) for c in cases}, cases))
+        have = [c for c in cases if paths(results, *c)["summary"].is_file()] or cases
+        fig = figures.fig_accuracy(figures.accuracy_panels({c: summary(*c) for c in have}, cases))
     elif n in (3, 4, 7, 8):
         data = "rows" if n in (3, 4) else "strokes"
         states = read_csv(_need(paths(results, "lstm", data)["states"]), STATE_COLUMNS)
@@ -157,14 +172,19 @@ def reproduce(
     data_dir=None,
     device: str = "cpu",
     reporter=None,
+    cases=CASES,
 ) -> dict:
-    """Run ``preset`` end to end; everything it finds done in the store is reused."""
+    """Run ``preset`` end to end; everything it finds done in the store is reused.
+
+    ``cases`` restricts it to some of the (arch, data) cases (e.g. to finish them while
+    another is still running); figures whose tables are missing are then skipped.
+    """
     reporter = reporter or SilentReporter()
     t0 = time.perf_counter()
     results.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     power_frames = []
-    for sweep in preset.sweeps():
+    for sweep in preset.sweeps(cases):
         arch, data = sweep.base.arch, sweep.base.data
         p = paths(results, arch, data)
         t = time.perf_counter()
@@ -185,16 +205,29 @@ def reproduce(
         if arch == "lstm":
             write_csv(p["weights"], hist)
         power_frames.append(power)
-    write_csv(results / "weight-power.csv", pd.concat(power_frames, ignore_index=True))
+    power_path = results / "weight-power.csv"
+    if power_path.is_file():  # keep the powers of cases not rerun now
+        done = {(s.base.arch, s.base.data) for s in preset.sweeps(cases)}
+        old = pd.read_csv(power_path)
+        power_frames.insert(0, old[[(a, d) not in done for a, d in zip(old["arch"], old["data"])]])
+    write_csv(power_path, pd.concat(power_frames, ignore_index=True))
     write_csv(paths(results, "lstm", "strokes")["lengths"], stroke_length_table(stroke_lengths("train", data_dir)))
     t = time.perf_counter()
-    figures = [f for n in FIGURES for f in draw_figure(n, results, figures_dir)]
+    figures, skipped = [], []
+    for n in FIGURES:
+        if all(p.is_file() for p in figure_inputs(n, results)) or (n == 2 and any(p.is_file() for p in figure_inputs(n, results))):
+            figures += draw_figure(n, results, figures_dir)
+        else:
+            skipped.append(n)
+    if skipped:
+        reporter.log(f"figures {', '.join(map(str, skipped))} skipped: their cases have not been run yet")
     stages["figures"] = time.perf_counter() - t
     (results / "comparison.md").write_text(comparison_markdown(results, preset.name))
     from dni.train import git_commit
 
     provenance = {
         "preset": preset.name,
+        "cases": [f"{a}-{d}" for a, d in cases],
         "description": preset.description,
         "dni_version": dni.__version__,
         "git_commit": git_commit(),

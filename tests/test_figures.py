@@ -88,3 +88,16 @@ def test_reproduce_end_to_end_on_the_fixture(tmp_path, fixture_data):
     # figures are redrawn from the tables alone, without the store
     (tmp_path / "store").rename(tmp_path / "gone")
     assert draw_figure(2, results, tmp_path / "again")[0].is_file()
+
+
+def test_reproduce_some_cases_skips_the_figures_of_the_others(tmp_path, fixture_data):
+    preset = Preset("tiny", (0.0, 1.0), EvalSpec(sigma_val=(0.0, 1.0), repeats=2, limit_test=50, batch_size=25),
+                    limit_train=100, val_size=20, epochs=1)
+    results, figures = tmp_path / "results", tmp_path / "figures"
+    reproduce(preset, Store(tmp_path / "store"), results, figures, LocalExecutor(jobs=1), cases=(("rnn", "rows"),))
+    assert sorted(p.stem for p in figures.glob("*.png")) == ["fig10", "fig6"]
+    assert "Vanilla RNN, rows" in (results / "comparison.md").read_text()
+    reproduce(preset, Store(tmp_path / "store"), results, figures, LocalExecutor(jobs=1), cases=(("lstm", "rows"),))
+    assert sorted(p.stem for p in figures.glob("*.png")) == ["fig10", "fig2", "fig3", "fig4", "fig5", "fig6"]
+    power = pd.read_csv(results / "weight-power.csv")
+    assert set(power["arch"] + "-" + power["data"]) == {"rnn-rows", "lstm-rows"}
