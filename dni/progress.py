@@ -60,31 +60,50 @@ class _PlainTask:
 
 
 class ConsoleReporter:
-    """Rich progress bars when ``stream`` is a terminal, else a line every ``every`` seconds."""
+    """Rich progress bars when ``stream`` is a terminal, else a line every ``every`` seconds.
+
+    Concurrent tasks (e.g. models trained and cells evaluated by a sweep) share one rich
+    display, one bar each.
+    """
 
     def __init__(self, stream=None, every: float = 10.0):
         self.stream = stream or sys.stderr
         self.every = every
         self.is_terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._progress = None
+        self._open = 0
+
+    def _display(self):
+        if self._progress is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            columns = (TextColumn("{task.description:>8s}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self._progress = Progress(*columns, console=Console(file=self.stream))
+            self._progress.start()
+        return self._progress
 
     @contextmanager
     def task(self, description: str, total: int) -> Iterator[Task]:
         if not self.is_terminal:
             yield _PlainTask(description, total, self.every, self.stream)
             return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        progress = self._display()
+        tid = progress.add_task(description, total=total, info="")
+        self._open += 1
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-        with Progress(*columns, console=Console(file=self.stream), transient=False) as progress:
-            tid = progress.add_task(description, total=total, info="")
+        class _RichTask:
+            def advance(self, n: int = 1, **fields: object) -> None:
+                progress.update(tid, advance=n, **({"info": _fmt(fields)} if fields else {}))
 
-            class _RichTask:
-                def advance(self, n: int = 1, **fields: object) -> None:
-                    progress.update(tid, advance=n, **({"info": _fmt(fields)} if fields else {}))
-
+        try:
             yield _RichTask()
+        finally:
+            self._open -= 1
+            if self._open == 0:
+                progress.stop()
+                self._progress = None
 
     def log(self, message: str) -> None:
         print(message, file=self.stream, flush=True)
