@@ -62,7 +62,6 @@ class PhiloxGenerator:
         return start
 
     def normal(self, shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        n = math.prod(shape)
         out = torch.empty(shape, device=device, dtype=torch.float32)
         self.add_normal_(out, 1.0, overwrite=True)
         return out.to(dtype)

@@ -8,7 +8,6 @@ figures are drawn from data and never recompute the network.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -1,6 +1,5 @@
 """Validation of dni's Philox/Box-Muller noise generator and the fused step kernels."""
 
-import ctypes
 import math
 import subprocess
 import sys
