@@ -131,7 +131,8 @@ def train(
 
     history: list[dict[str, Any]] = []
     best_state, best_acc, best_epoch = None, -1.0, 0
-    with reporter.task(f"train {spec.model_id}", spec.epochs * batches) as task:
+    reporter.log(f"training {spec.model_id} on {len(train_ds)} digits ({len(val_ds)} held out), {spec.epochs} epochs, {device}")
+    with reporter.task("train", spec.epochs * batches) as task:
         for epoch in range(1, spec.epochs + 1):
             lr = spec.lr * spec.lr_decay ** (epoch - 1)
             for group in opt.param_groups:
