@@ -171,7 +171,7 @@ def run_sweep(
     with reporter.task("models", len(todo.train)) as models_task, reporter.task("cells", todo.cells_missing) as cells_task:
         def on_trained(outcome):
             nonlocal trained
-            trained += 1
+            trained += outcome.trained  # False: another process trained it meanwhile
             models_task.advance(1, last=outcome.model_id[:28])
 
         def on_evaluated(n):

@@ -1,4 +1,7 @@
 import os
+import re
+import subprocess
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -92,3 +95,18 @@ def test_sigkill_at_any_write_then_resume_gives_identical_results(kill, referenc
     assert resumed.returncode == 0, resumed.stderr
     assert out.read_bytes() == reference_csv.read_bytes()
     assert leftovers(store) == []
+
+
+def test_two_sweeps_at_once_on_one_store(reference_csv, tmp_path, real_data):
+    """Started together, they share the work: every model is trained once, every result is
+    the uninterrupted run's, and both finish."""
+    store = tmp_path / "store"
+    env = {**os.environ, "DNI_DATA_DIR": str(real_data)}
+    procs = [subprocess.Popen([sys.executable, "-m", "dni", *map(str, CLI_SWEEP), "--store", str(store), "--out", str(tmp_path / f"{k}.csv"), "--jobs", "1"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (1, 2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    trained = sum(int(re.search(r"trained (\d+) model", o[0]).group(1)) if "trained" in o[0] else 0 for o in outs)
+    assert trained == 2
+    for k in (1, 2):
+        assert (tmp_path / f"{k}.csv").read_bytes() == reference_csv.read_bytes()
