@@ -31,6 +31,11 @@ if ! pgrep -x munged >/dev/null; then
 fi
 
 host="$(hostname -s)"
+# Free ports, so that this cluster never talks to another one already running here.
+read -r ctld_port slurmd_port < <(python3 -c 'import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])')
 cpus="$(nproc)"
 mem_mb="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
 mkdir -p "$dir/state" "$dir/spool"
@@ -54,8 +59,8 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd.log
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort=${ctld_port}
+SlurmdPort=${slurmd_port}
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
