@@ -22,6 +22,27 @@ from dni.errors import DniError
 from dni.jobs import TrainOutcome, eval_job, set_threads, train_job
 
 
+def _worker_init(threads: int) -> None:
+    """Pool worker set-up: its thread count, and death with its driver.
+
+    On Linux the worker asks the kernel for SIGTERM when its parent dies, so a driver
+    killed by SIGTERM or SIGKILL does not leave workers running on (their finished work is
+    in the store either way; an unfinished job is simply redone by the next run).
+    """
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)  # the driver died while this worker was starting
+    set_threads(threads)
+
+
 def default_jobs(device: str) -> tuple[int, int]:
     """(worker processes, threads per worker) for this machine.
 
@@ -78,7 +99,7 @@ class LocalExecutor:
                 on_evaluated(eval_job(root, mid, sweep.eval, sigma, self.data_dir, self.device))
         else:
             ctx = multiprocessing.get_context("spawn")  # no fork of a process with OpenMP threads
-            with ProcessPoolExecutor(self.jobs, mp_context=ctx, initializer=set_threads, initargs=(self.threads,)) as pool:
+            with ProcessPoolExecutor(self.jobs, mp_context=ctx, initializer=_worker_init, initargs=(self.threads,)) as pool:
                 pending: dict[Future, tuple[str, Any]] = {}
 
                 def submit_eval(mid: str, sigma: float) -> None:

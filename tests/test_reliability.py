@@ -331,3 +331,24 @@ def test_cli_fuzz_never_crashes(command, data, fixture_data, tmp_path_factory):
         assert res.exception is None or isinstance(res.exception, SystemExit), (args, res.exception)
         assert res.output.strip(), args
         assert "Traceback" not in res.output, args
+
+
+def test_killing_the_driver_stops_its_workers(tmp_path, real_data):
+    """A sweep driver killed by SIGKILL takes its pool workers with it (no orphans)."""
+    env = {**os.environ, "DNI_DATA_DIR": str(real_data)}
+    cmd = [sys.executable, "-m", "dni", *CLI_SWEEP, "--store", str(tmp_path / "s"), "--jobs", "2", "--epochs", "3", "--limit-train", "3000"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    workers: list[int] = []
+    while time.time() < deadline and len(workers) < 2:
+        time.sleep(0.5)
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout
+        workers = [int(p) for p in out.split()]
+    assert len(workers) >= 2, "the pool did not start"
+    while time.time() < deadline and not (tmp_path / "s" / "locks").is_dir():  # a job has started
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    time.sleep(5)
+    alive = [p for p in workers if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
+    assert alive == [], f"workers {alive} outlived their driver"
