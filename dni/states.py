@@ -19,8 +19,8 @@ from dni.noise import make_generator, make_noise
 from dni.spec import EvalSpec
 from dni.store import Store, read_csv, write_csv
 
-#: Histogram ranges: h is bounded by tanh; c is not, and [-10, 10] holds it in practice
-#: (values outside are counted in the first/last bin's under/overflow columns).
+#: Histogram ranges: h is bounded by tanh; c is not: values outside [-10, 10] are clipped
+#: into the first/last bin (visible as spikes at the edges for noise-trained models).
 BINS = {"h": np.linspace(-1.0, 1.0, 101), "c": np.linspace(-10.0, 10.0, 201)}
 STATE_COLUMNS = ["model_id", "arch", "data", "sigma_train", "sigma_val", "state", "step", "bin_left", "bin_right", "count"]
 

@@ -28,6 +28,10 @@ from dni.spec import EvalSpec, TrainSpec, canonical_json
 from dni.store import Store, atomic_write, write_csv
 
 
+_LATER_TRAIN = {"sites": "all"}
+_LATER_EVAL = {"sites": "all", "weight_noise": 0.0, "weight_noise_mode": "absolute"}
+
+
 @dataclass(frozen=True)
 class SweepSpec:
     """A grid of models (sigma_train x seeds, other fields from ``base``) and their evaluation."""
@@ -59,7 +63,14 @@ class SweepSpec:
 
     @property
     def sweep_id(self) -> str:
-        digest = hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()[:10]
+        """Id derived from the sweep; fields added to the specs later are left out while
+        they hold their defaults, so existing stores keep their sweep ids."""
+        d = self.to_dict()
+        for part, later in (("base", _LATER_TRAIN), ("eval", _LATER_EVAL)):
+            for name, default in later.items():
+                if d[part].get(name) == default:
+                    del d[part][name]
+        digest = hashlib.sha256(canonical_json(d).encode()).hexdigest()[:10]
         return f"{self.base.arch}-{self.base.data}-{digest}"
 
 
@@ -110,7 +121,8 @@ def registered(store: Store) -> list[SweepSpec]:
     root = store.root / "sweeps"
     if not root.is_dir():
         return []
-    return [SweepSpec.from_dict(json.loads(p.read_text())) for p in sorted(root.glob("*/sweep.json"))]
+    sweeps = [SweepSpec.from_dict(json.loads(p.read_text())) for p in sorted(root.glob("*/sweep.json"))]
+    return list({s.sweep_id: s for s in sweeps}.values())  # one entry per sweep, however often registered
 
 
 def finish(store: Store, sweep: SweepSpec, out: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:

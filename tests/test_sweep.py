@@ -110,3 +110,24 @@ def test_two_sweeps_at_once_on_one_store(reference_csv, tmp_path, real_data):
     assert trained == 2
     for k in (1, 2):
         assert (tmp_path / f"{k}.csv").read_bytes() == reference_csv.read_bytes()
+
+
+def test_sweep_ids_are_stable_across_versions():
+    from dni.paper import PRESETS
+
+    assert [s.sweep_id for s in PRESETS["paper"].sweeps()] == ["lstm-rows-d379472a0f", "lstm-strokes-510efb7957", "rnn-rows-32bbd363a9"]
+
+
+def test_a_sweep_registered_twice_is_listed_once(tmp_path):
+    import json
+
+    from dni.sweep import register, registered
+
+    store = Store(tmp_path)
+    register(store, SWEEP)
+    d = SWEEP.to_dict()
+    d["base"].pop("sites")  # as an older dni wrote it
+    other = tmp_path / "sweeps" / "rnn-rows-older" / "sweep.json"
+    other.parent.mkdir(parents=True)
+    other.write_text(json.dumps(d))
+    assert [s.sweep_id for s in registered(store)] == [SWEEP.sweep_id]
