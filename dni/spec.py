@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -25,8 +26,14 @@ _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
 
 def canonical_float(value: float) -> float:
-    """Round to 10 decimals so that 0.1 + 0.2 and 0.3 name the same grid point."""
-    return float(round(Decimal(repr(float(value))), 10))
+    """Round to 10 decimals so that 0.1 + 0.2 and 0.3 name the same grid point.
+
+    Values too large for 10 decimals within a float's precision are returned as they are.
+    """
+    value = float(value)
+    if not math.isfinite(value) or abs(value) >= 1e12:
+        return value
+    return float(round(Decimal(repr(value)), 10))
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -117,7 +124,8 @@ class TrainSpec:
             if fields[name] == default:
                 del fields[name]
         digest = hashlib.sha256(canonical_json({"v": SPEC_VERSION, **fields}).encode()).hexdigest()[:10]
-        return f"{self.arch}-{self.data}-st{self.sigma_train:g}-s{self.seed}-{digest}"
+        sigma = f"{self.sigma_train:g}".replace("+", "")  # 1e+18 -> 1e18: ids keep [a-z0-9._-]
+        return f"{self.arch}-{self.data}-st{sigma}-s{self.seed}-{digest}"
 
 
 _LATER_FIELDS = {"sites": "all"}

@@ -12,6 +12,8 @@ def test_parse_grid_lists_and_ranges_without_drift():
     assert len(grid) == 11 and grid[3] == 0.3 and grid[-1] == 1.0
     assert parse_grid("0:0.2:0.1, 0.9") == (0.0, 0.1, 0.2, 0.9)
     assert parse_grid("0.5,0.5") == (0.5,)
+    # Beyond Decimal's default precision at 10 decimals: kept as given, not a crash.
+    assert parse_grid("1e+18,1e300") == (1e18, 1e300)
 
 
 @pytest.mark.parametrize("bad", ["", "a", "0:1", "1:0:0.1", "0:1:0", "0:1:-1", "nan", "0,,1", "0:inf:1"])
@@ -27,6 +29,7 @@ def test_model_id_is_derived_from_the_full_spec():
     assert a.model_id != dataclasses.replace(a, lr=2e-3).model_id
     assert TrainSpec.from_dict(a.to_dict()) == a
     check_id(a.model_id)
+    check_id(TrainSpec(sigma_train=1e18).model_id)
 
 
 @pytest.mark.parametrize(
