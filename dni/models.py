@@ -31,6 +31,8 @@ StepObserver = Callable[[int, torch.Tensor, torch.Tensor | None], None]
 
 ARCHS = ("lstm", "rnn", "gru")
 HIDDEN_SIZE = 128
+#: Weight initialisation schemes (see :meth:`NoisyRecurrent.reset_parameters`).
+INITS = ("torch", "keras")
 NUM_CLASSES = 10
 
 
@@ -58,12 +60,39 @@ class NoisyRecurrent(nn.Module):
         self.fc = nn.Linear(hidden_size, num_classes)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """PyTorch's recurrent initialisation: U(-1/sqrt(H), 1/sqrt(H)) for W and b."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
-        self.fc.reset_parameters()
+    def reset_parameters(self, scheme: str = "torch") -> None:
+        """Initialise every parameter with one of :data:`INITS`.
+
+        ``torch``: PyTorch's recurrent initialisation, U(-1/sqrt(H), 1/sqrt(H)) for W and b,
+        and ``nn.Linear``'s for the output layer.
+
+        ``keras``: the defaults of Keras' recurrent layers, the framework whose parameter
+        counts match Tables I-III (one bias per gate): Glorot-uniform input weights W_x,
+        orthogonal recurrent weights W_h (orthonormal rows of the (H, gates·H) matrix),
+        zero biases except a forget-gate bias of 1 for the LSTM, and a Glorot-uniform
+        output layer with zero bias.
+        """
+        if scheme == "torch":
+            bound = 1.0 / math.sqrt(self.hidden_size)
+            nn.init.uniform_(self.weight, -bound, bound)
+            nn.init.uniform_(self.bias, -bound, bound)
+            self.fc.reset_parameters()
+        elif scheme == "keras":
+            rows, n_in, h = self.weight.shape[0], self.input_size, self.hidden_size
+            with torch.no_grad():
+                w_x = torch.empty(rows, n_in)
+                nn.init.xavier_uniform_(w_x)  # fan_in = n_in, fan_out = gates·H, as Keras' kernel
+                w_h = torch.empty(rows, h)
+                nn.init.orthogonal_(w_h)  # orthonormal columns here = orthonormal rows of Keras' (H, gates·H)
+                self.weight.copy_(torch.cat([w_x, w_h], dim=1))
+                self.bias.zero_()
+                if "f" in self.gate_names:
+                    k = self.gate_names.index("f")
+                    self.bias[k * h:(k + 1) * h] = 1.0
+                nn.init.xavier_uniform_(self.fc.weight)
+                nn.init.zeros_(self.fc.bias)
+        else:
+            raise SpecError(f"unknown initialisation {scheme!r}; choose one of {', '.join(INITS)}")
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Noise-independent part of every pre-activation: ``W_x·x_t + b`` for all t.

@@ -18,7 +18,7 @@ from typing import Any
 
 from dni.data import DATASETS, STROKE_REPRS
 from dni.errors import SpecError
-from dni.models import ARCHS
+from dni.models import ARCHS, INITS
 from dni.noise import RNGS, WEIGHT_NOISE_MODES, check_noise_kind, check_sigma
 
 SPEC_VERSION = 1
@@ -79,12 +79,14 @@ class TrainSpec:
     limit_train: int | None = None  # use only the first N training digits (smoke runs)
     seed: int = 0
     sites: str = "all"  # which matrix-vector products are noisy (see NoisyRecurrent.parse_sites)
+    init: str = "torch"  # weight initialisation, one of models.INITS
 
     def __post_init__(self) -> None:
         _check_choice("architecture", self.arch, ARCHS)
         _check_choice("data set", self.data, DATASETS)
         check_noise_kind(self.noise)
         _check_choice("stroke representation", self.stroke_repr, STROKE_REPRS)
+        _check_choice("initialisation", self.init, INITS)
         object.__setattr__(self, "sigma_train", canonical_float(check_sigma(self.sigma_train, "sigma_train")))
         if self.epochs is None:
             object.__setattr__(self, "epochs", DEFAULT_EPOCHS[(self.arch, self.data)])
@@ -128,7 +130,7 @@ class TrainSpec:
         return f"{self.arch}-{self.data}-st{sigma}-s{self.seed}-{digest}"
 
 
-_LATER_FIELDS = {"sites": "all"}
+_LATER_FIELDS = {"sites": "all", "init": "torch"}
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,9 @@ def train(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(spec.seed, "init"))
-        model = build_model(spec.arch, full.inputs, spec.hidden_size).to(device)
+        model = build_model(spec.arch, full.inputs, spec.hidden_size)
+        model.reset_parameters(spec.init)
+        model = model.to(device)
     model.parse_sites(spec.sites)  # fail early on an unknown site
     noise = make_noise(spec.noise, spec.sigma_train)
     clean = make_noise(spec.noise, 0.0)

@@ -1,9 +1,12 @@
+import math
+
 import pytest
 import torch
 
 from dni.errors import SpecError
 from dni.models import build_model, count_parameters
 from dni.noise import AdditiveGaussian
+from dni.spec import TrainSpec
 
 # Tables I, II and III of the paper.
 PAPER_COUNTS = [("lstm", 28, 81674), ("lstm", 2, 68362), ("rnn", 28, 21386)]
@@ -186,3 +189,30 @@ def test_some_gates_only_leaves_the_other_gates_exact():
     pre = torch.zeros(2, 512)
     out = model._noisy(pre, Spy(), None, frozenset({"f", "o"}), model.gate_names)
     assert out[:, :128].eq(0).all() and out[:, 128:256].eq(1).all() and out[:, 256:384].eq(0).all() and out[:, 384:].eq(1).all()
+
+
+@pytest.mark.parametrize("arch", ["lstm", "rnn", "gru"])
+def test_keras_initialisation(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 28)
+    model.reset_parameters("keras")
+    h, n_in = model.hidden_size, model.input_size
+    w_x, w_h = model.weight[:, :n_in], model.weight[:, n_in:]
+    # Orthonormal rows of Keras' (H, gates*H) recurrent kernel = orthonormal columns here.
+    torch.testing.assert_close(w_h.t() @ w_h, torch.eye(h), atol=1e-5, rtol=0)
+    limit = math.sqrt(6 / (n_in + w_x.shape[0]))
+    assert float(w_x.abs().max()) <= limit and float(w_x.abs().max()) > 0.9 * limit
+    expected_bias = torch.zeros_like(model.bias)
+    if arch == "lstm":
+        expected_bias[h:2 * h] = 1.0  # forget gate, the second block
+    assert torch.equal(model.bias.detach(), expected_bias)
+    assert torch.equal(model.fc.bias.detach(), torch.zeros(10))
+    with pytest.raises(SpecError):
+        model.reset_parameters("xavier")
+
+
+def test_init_is_part_of_the_model_id_only_when_not_the_default():
+    assert TrainSpec().model_id == TrainSpec(init="torch").model_id
+    assert TrainSpec(init="keras").model_id != TrainSpec().model_id
+    with pytest.raises(SpecError):
+        TrainSpec(init="xavier")

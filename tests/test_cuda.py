@@ -1,0 +1,92 @@
+"""The CUDA paths: skipped on machines without a GPU, run wherever one is present.
+
+CPU and GPU results agree to float32 rounding, not bit for bit (README, "Guarantees"):
+the noise stream is the same Philox stream on both, but matrix products and
+transcendental functions round differently.
+"""
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dni import kernels
+from dni.cli import app
+from dni.evaluate import evaluate
+from dni.models import build_model
+from dni.noise import make_generator, make_noise
+from dni.spec import EvalSpec, TrainSpec
+from dni.store import Store
+from dni.train import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+CUDA = torch.device("cuda")
+runner = CliRunner()
+
+
+def test_philox_stream_is_the_same_on_the_gpu():
+    cpu = kernels.normal_torch(100_003, key=1234, counter=77, device="cpu")
+    gpu = kernels.normal_torch(100_003, key=1234, counter=77, device=CUDA).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=1e-6)
+    assert abs(float(gpu.std()) - 1.0) < 0.01
+
+
+@pytest.mark.parametrize("arch", ["lstm", "rnn", "gru"])
+def test_noise_free_and_noisy_forward_match_the_cpu(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 28).eval()
+    x = torch.rand(64, 28, 28)
+    gpu_model = build_model(arch, 28).to(CUDA).eval()
+    gpu_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        clean_cpu = model(x, make_noise("additive", 0.0), None)
+        clean_gpu = gpu_model(x.to(CUDA), make_noise("additive", 0.0), None)
+        # sigma = 0 is exactly the noise-free network on the GPU too.
+        assert torch.equal(clean_gpu, gpu_model(x.to(CUDA), make_noise("additive", 0.0), make_generator("philox", 5, CUDA)))
+        torch.testing.assert_close(clean_gpu.cpu(), clean_cpu, rtol=1e-4, atol=1e-4)
+        noise = make_noise("additive", 0.5)
+        noisy_cpu = model(x, noise, make_generator("philox", 5, "cpu"))
+        noisy_gpu = gpu_model(x.to(CUDA), noise, make_generator("philox", 5, CUDA))
+    # Same Philox draws on both devices: the noisy outputs agree, and differ from the clean ones.
+    torch.testing.assert_close(noisy_gpu.cpu(), noisy_cpu, rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(noisy_cpu, clean_cpu, atol=1e-2)
+
+
+def test_torch_generator_on_the_gpu_has_the_right_std():
+    gen = make_generator("torch", 3, CUDA)
+    pre = torch.zeros(200_000, device=CUDA)
+    z = make_noise("additive", 0.7)(pre, gen)
+    assert z.device.type == "cuda" and abs(float(z.std()) - 0.7) < 0.01
+
+
+def test_train_on_gpu_then_evaluate_on_both(fixture_data, tmp_path):
+    spec = TrainSpec(arch="lstm", sigma_train=0.5, epochs=2, limit_train=200, val_size=40, batch_size=32)
+    result = train(spec, fixture_data, device=CUDA)
+    assert all(p.device.type == "cuda" for p in result.model.parameters())
+    assert result.meta["device"] == torch.cuda.get_device_name(CUDA)
+    ev = EvalSpec(sigma_val=(0.0, 1.0), repeats=3, limit_test=100)
+    runs = {}
+    for device in ("cpu", "cuda"):  # one store each: the second would reuse the first's cells
+        store = Store(tmp_path / device)
+        store.save_model(spec, result.model, result.meta)
+        runs[device] = evaluate(store, [spec.model_id], ev, fixture_data, device=device)
+    on_cpu, on_gpu = runs["cpu"], runs["cuda"]
+    assert list(on_cpu.columns) == list(on_gpu.columns)
+    # Same noise draws; rounding can flip a digit or two of 100.
+    diff = (on_cpu["accuracy"] - on_gpu["accuracy"]).abs()
+    assert diff.max() <= 0.03, pd.concat([on_cpu, on_gpu])
+
+
+def test_cli_train_evaluate_and_sweep_on_cuda(fixture_data, tmp_path):
+    store = tmp_path / "store"
+    tiny = ["--limit-train", "120", "--val-size", "20", "--epochs", "1", "--batch-size", "32", "--store", str(store)]
+    res = runner.invoke(app, ["train", "--arch", "rnn", "--device", "cuda", *tiny])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "eval.csv"
+    res = runner.invoke(app, ["evaluate", "--store", str(store), "--sigma-val", "0,0.5", "--repeats", "2",
+                              "--limit-test", "50", "--device", "cuda", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(out)) == 4
+    res = runner.invoke(app, ["sweep", "--arch", "rnn", "--sigma-train", "0,0.5", "--sigma-val", "0,1", "--repeats", "2",
+                              "--limit-test", "50", "--device", "cuda", "--jobs", "1", *tiny])
+    assert res.exit_code == 0, res.output
