@@ -81,10 +81,10 @@ def _reporter():
 
 ArchOpt = Annotated[str, typer.Option(help="Architecture: lstm, rnn or gru.")]
 DataOpt = Annotated[str, typer.Option(help="Data set: rows (28x28 images) or strokes (pen strokes).")]
-EpochsOpt = Annotated[Optional[int], typer.Option(help="Training epochs (default: 20 for LSTM rows, else 30).")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Training epochs (default: dni's recipe for the arch and data, see README).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Training mini-batch size.")]
-LrOpt = Annotated[float, typer.Option(help="Adam learning rate.")]
-LrDecayOpt = Annotated[float, typer.Option("--lr-decay", help="Learning-rate factor per epoch.")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Adam learning rate (default: 3e-3; 1e-3 for the vanilla RNN).")]
+LrDecayOpt = Annotated[Optional[float], typer.Option("--lr-decay", help="Learning-rate factor per epoch (default: 0.95; 0.97 for the vanilla RNN).")]
 ClipOpt = Annotated[float, typer.Option("--grad-clip", help="Max gradient norm.")]
 ValSizeOpt = Annotated[int, typer.Option("--val-size", help="Training digits held out for model selection.")]
 StrokeOpt = Annotated[str, typer.Option("--stroke-repr", help="Strokes input: absolute or offsets.")]
@@ -114,8 +114,8 @@ def train_cli(
     sites: SitesOpt = "all",
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = 128,
-    lr: LrOpt = 3e-3,
-    lr_decay: LrDecayOpt = 0.95,
+    lr: LrOpt = None,
+    lr_decay: LrDecayOpt = None,
     grad_clip: ClipOpt = 1.0,
     val_size: ValSizeOpt = 5000,
     stroke_repr: StrokeOpt = "absolute",
@@ -167,8 +167,8 @@ def sweep_cli(
     weight_noise_mode: WeightModeOpt = "absolute",
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = 128,
-    lr: LrOpt = 3e-3,
-    lr_decay: LrDecayOpt = 0.95,
+    lr: LrOpt = None,
+    lr_decay: LrDecayOpt = None,
     grad_clip: ClipOpt = 1.0,
     val_size: ValSizeOpt = 5000,
     stroke_repr: StrokeOpt = "absolute",

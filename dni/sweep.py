@@ -24,11 +24,11 @@ from typing import Any
 import pandas as pd
 
 from dni.evaluate import collect, missing_cells, summarize, summarize_seeds
-from dni.spec import EvalSpec, TrainSpec, canonical_json
+from dni.spec import LATER_FIELDS, EvalSpec, TrainSpec, canonical_json
 from dni.store import Store, atomic_write, write_csv
 
 
-_LATER_TRAIN = {"sites": "all"}
+_LATER_TRAIN = LATER_FIELDS  # the TrainSpec fields left out of model ids at their defaults
 _LATER_EVAL = {"sites": "all", "weight_noise": 0.0, "weight_noise_mode": "absolute"}
 
 

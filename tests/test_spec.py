@@ -66,7 +66,12 @@ def test_ids_are_stable_across_versions():
     protocols (give it a default that is left out of the hash)."""
     assert TrainSpec().model_id == "lstm-rows-st0-s0-92d822b644"
     assert TrainSpec(arch="lstm", data="strokes", sigma_train=1.0).model_id == "lstm-strokes-st1-s0-7cbbc2b0ab"
-    assert TrainSpec(arch="rnn", sigma_train=0.3).model_id == "rnn-rows-st0.3-s0-ebfc431516"
+    # A stored spec keeps its id when a later version changes a default recipe: the RNN's
+    # recipe changed from 30 epochs at 3e-3 x 0.95 to 60 epochs at 1e-3 x 0.97.
+    old_rnn = TrainSpec(arch="rnn", sigma_train=0.3, epochs=30, lr=3e-3, lr_decay=0.95)
+    assert old_rnn.model_id == "rnn-rows-st0.3-s0-ebfc431516"
+    assert TrainSpec.from_dict(old_rnn.to_dict()).model_id == old_rnn.model_id
+    assert (TrainSpec(arch="rnn").epochs, TrainSpec(arch="rnn").lr, TrainSpec(arch="rnn").lr_decay) == (60, 1e-3, 0.97)
     assert EvalSpec().protocol_id == "edaa20e774"
     assert EvalSpec(rng="torch").protocol_id == "032efba1f5"
     assert EvalSpec(limit_test=500, seed=3).protocol_id == "3dae651e46"

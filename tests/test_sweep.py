@@ -115,7 +115,7 @@ def test_two_sweeps_at_once_on_one_store(reference_csv, tmp_path, real_data):
 def test_sweep_ids_are_stable_across_versions():
     from dni.paper import PRESETS
 
-    assert [s.sweep_id for s in PRESETS["paper"].sweeps()] == ["lstm-rows-d379472a0f", "lstm-strokes-510efb7957", "rnn-rows-32bbd363a9"]
+    assert [s.sweep_id for s in PRESETS["paper"].sweeps()] == ["lstm-rows-d379472a0f", "lstm-strokes-510efb7957", "rnn-rows-0e433739db"]
 
 
 def test_a_sweep_registered_twice_is_listed_once(tmp_path):
