@@ -10,6 +10,7 @@ float rounding. ``DNI_NO_KERNELS=1`` forces the fallback.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import math
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -104,6 +106,79 @@ def available() -> bool:
 def build_error() -> str | None:
     library()
     return _error
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _threads_pool(n: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    if _pool is None or _pool_size != n:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="dni-step"), n
+    return _pool
+
+
+#: Batch rows below which a block is not worth a thread of its own.
+MIN_ROWS_PER_THREAD = 64
+
+
+@contextlib.contextmanager
+def _torch_single_threaded():
+    """Torch's intra-op threads set to 1 (restored on exit): dni's own threads do the work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.Tensor, h: torch.Tensor,
+                     c: torch.Tensor | None, key: int, starts: list[int], sigma: float, threads: int | None = None) -> None:
+    """Run the whole noisy recurrence with the compiled step, updating ``h`` (and ``c``) in place.
+
+    Args:
+        xp: input projections, (steps, batch, gates·H); w_h: recurrent weights (gates·H, H).
+        starts: the stream position (Philox block) of each step's (batch, gates·H) noise.
+        threads: worker threads (default: torch's intra-op thread count).
+
+    The batch is cut into contiguous row blocks, one per thread, and each thread runs every
+    step of its block: the recurrent GEMM of its rows (single-threaded BLAS) and the fused
+    noise + gate kernel. ctypes and torch release the GIL, so the blocks run in parallel
+    without the hand-offs of a per-step split. Each row draws its noise from its own
+    position of the stream, so the noise is the same for any split; the GEMM's rounding
+    may depend on the block size (hence on the thread count, as with torch's own threads).
+    """
+    steps, batch, _ = xp.shape
+    hidden = h.shape[1]
+    per_row = hidden if arch == "lstm" else hidden // 4  # stream blocks per row and step (4 normals each)
+    w_t = w_h.t()
+
+    def run(r0: int, r1: int) -> None:
+        hb, cb = h[r0:r1], (c[r0:r1] if c is not None else None)
+        for t in range(steps):
+            pre = torch.addmm(xp[t, r0:r1], hb, w_t)
+            start = starts[t] + r0 * per_row
+            if arch == "lstm":
+                lib.dni_lstm_step(pre.data_ptr(), cb.data_ptr(), hb.data_ptr(), r1 - r0, hidden, key, start, sigma)
+            else:
+                lib.dni_rnn_step(pre.data_ptr(), hb.data_ptr(), r1 - r0, hidden, key, start, sigma)
+
+    threads = torch.get_num_threads() if threads is None else threads
+    parts = max(1, min(threads, batch // MIN_ROWS_PER_THREAD))
+    if parts == 1:
+        run(0, batch)
+        return
+    bounds = [batch * k // parts for k in range(parts + 1)]
+    with _torch_single_threaded():
+        pool = _threads_pool(parts - 1)
+        futures = [pool.submit(run, bounds[k], bounds[k + 1]) for k in range(1, parts)]
+        run(bounds[0], bounds[1])
+        for f in futures:
+            f.result()
 
 
 # --------------------------------------------------------------------------- pure torch

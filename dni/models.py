@@ -173,14 +173,12 @@ class NoisyRecurrent(nn.Module):
         c = xp.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
         fused = None if observer is not None else _fused_kernel(self, noise, generator, xp)
         if fused is not None:
+            from dni.kernels import fused_recurrence
+
             lib, sigma = fused
-            for xp_t in xp.unbind(0):
-                pre = torch.addmm(xp_t, h, w_h.t())
-                start = generator.take(pre.numel()) if sigma else 0
-                if self.arch == "lstm":  # c and h are updated in place (h was consumed above)
-                    lib.dni_lstm_step(pre.data_ptr(), c.data_ptr(), h.data_ptr(), batch, self.hidden_size, generator.key, start, sigma)
-                else:
-                    lib.dni_rnn_step(pre.data_ptr(), h.data_ptr(), batch, self.hidden_size, generator.key, start, sigma)
+            # The stream positions of every step's noise, in the order the generic path takes them.
+            starts = [generator.take(batch * w_h.shape[0]) if sigma else 0 for _ in range(xp.shape[0])]
+            fused_recurrence(lib, self.arch, xp, w_h, h, c, generator.key, starts, sigma)
             return noise(self.fc(h), generator)
         for t, xp_t in enumerate(xp.unbind(0)):
             # Eq. (2): g(W·[x_t, h_{t-1}] + b + z), one draw per pre-activation element.

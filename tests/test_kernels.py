@@ -133,6 +133,42 @@ def test_fused_step_equals_the_generic_path(lib, arch, inputs, monkeypatch):
     torch.testing.assert_close(fused, generic, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["lstm", "rnn"])
+def test_row_blocks_across_threads_draw_the_same_noise(lib, arch, monkeypatch):
+    """The fused recurrence splits the batch into one row block per thread: the noise must
+    not depend on the split. With zero recurrent weights the GEMM adds exact zeros, so
+    every split must give the same bits; with real weights it matches the generic path."""
+    torch.manual_seed(0)
+    model = build_model(arch, 28).eval()
+    x = torch.rand(300, 28, 28)
+    noise = AdditiveGaussian(0.7)
+    with torch.no_grad():
+        xp = model.project(x)
+        for w_h in (torch.zeros_like(model.weight[:, 28:]), model.weight[:, 28:]):
+            results = []
+            for threads in (1, 2, 3):
+                h = torch.zeros(300, 128)
+                c = torch.zeros(300, 128) if arch == "lstm" else None
+                gen = PhiloxGenerator(9)
+                starts = [gen.take(300 * w_h.shape[0]) for _ in range(28)]
+                kernels.fused_recurrence(lib, arch, xp, w_h, h, c, gen.key, starts, 0.7, threads=threads)
+                results.append(h)
+            if not w_h.any():
+                assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+            else:
+                torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            fused = model(x, noise, PhiloxGenerator(5))
+            assert torch.get_num_threads() == 2  # restored after the single-threaded blocks
+        finally:
+            torch.set_num_threads(threads_before)
+        monkeypatch.setattr("dni.models._fused_kernel", lambda *a: None)
+        generic = model(x, noise, PhiloxGenerator(5))
+    torch.testing.assert_close(fused, generic, rtol=1e-4, atol=1e-4)
+
+
 def test_fallback_without_a_compiler_gives_the_same_results(tmp_path):
     code = (
         "import torch; from dni.models import build_model; from dni.noise import AdditiveGaussian, PhiloxGenerator; "
