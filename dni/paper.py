@@ -157,18 +157,7 @@ def comparison_markdown(results: Path, preset_name: str = "") -> str:
         for row in rows:
             delta = "" if row["delta_pp"] is None else f"{row['delta_pp']:+.2f}"
             lines.append(f"| {row['quantity']} | {row['paper']} | {row['ours']} | {delta} |")
-        notes = discussion(rows, summary)
-        conv = next((r for r in rows if r["quantity"].startswith("conventional model")), None)
-        power0 = next((r for r in rows if r["quantity"].startswith("weight power E[w²] at σ_train = 0")), None)
-        if conv and power0 and conv["delta_pp"] is not None and conv["delta_pp"] > 5 and power0["ours"] != "not run":
-            ratio = float(power0["ours"]) / float(power0["paper"])
-            if ratio > 1.2:
-                notes.append(
-                    f"Likely cause of that gap: our conventionally trained model's weights carry {ratio:.1f}x the paper's power, so its "
-                    "pre-activations are larger and additive noise of a fixed σ perturbs them relatively less. How strongly a model "
-                    "trained without noise suffers therefore depends on the unreported training recipe; `dni plot-accuracy --x snr` "
-                    "compares models at equal signal-to-noise ratio instead.")
-        lines += ["", *[f"- {note}" for note in notes], ""]
+        lines += ["", *[f"- {note}" for note in discussion(rows, summary)], ""]
     lines += [
         "## What the intervals do and do not cover",
         "",
@@ -207,6 +196,16 @@ def discussion(rows: list[dict], summary: pd.DataFrame) -> list[str]:
                 notes.append(f"{q}: ours is {ratio:.2f}x the paper's value.")
             except ValueError:
                 pass
+    conv = next((r for r in rows if r["quantity"].startswith("conventional model")), None)
+    power0 = next((r for r in rows if r["quantity"].startswith("weight power E[w²] at σ_train = 0")), None)
+    if conv and power0 and conv["delta_pp"] is not None and conv["delta_pp"] > 5 and power0["ours"] != "not run":
+        ratio = float(power0["ours"]) / float(power0["paper"])
+        if ratio > 1.2:
+            notes.append(
+                f"Likely cause of that gap: our conventionally trained model's weights carry {ratio:.1f}x the paper's power, so its "
+                "pre-activations are larger and additive noise of a fixed σ perturbs them relatively less. How strongly a model "
+                "trained without noise suffers therefore depends on the unreported training recipe; `dni plot-accuracy --x snr` "
+                "compares models at equal signal-to-noise ratio instead.")
     return notes
 
 

@@ -62,7 +62,6 @@ RECIPES = {
     ("gru", "rows"): {"epochs": 20, "lr": 3e-3, "lr_decay": 0.95},
     ("gru", "strokes"): {"epochs": 30, "lr": 3e-3, "lr_decay": 0.95},
 }
-DEFAULT_EPOCHS = {key: recipe["epochs"] for key, recipe in RECIPES.items()}
 
 
 @dataclass(frozen=True)
@@ -141,6 +140,8 @@ class TrainSpec:
 
 
 LATER_FIELDS = {"sites": "all", "init": "torch"}
+#: EvalSpec fields added after version 1, left out of sweep ids while at these defaults.
+LATER_EVAL_FIELDS = {"sites": "all", "weight_noise": 0.0, "weight_noise_mode": "absolute"}
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,8 @@ from typing import Any
 import pandas as pd
 
 from dni.evaluate import collect, missing_cells, summarize, summarize_seeds
-from dni.spec import LATER_FIELDS, EvalSpec, TrainSpec, canonical_json
+from dni.spec import LATER_EVAL_FIELDS, LATER_FIELDS, EvalSpec, TrainSpec, canonical_json
 from dni.store import Store, atomic_write, write_csv
-
-
-_LATER_TRAIN = LATER_FIELDS  # the TrainSpec fields left out of model ids at their defaults
-_LATER_EVAL = {"sites": "all", "weight_noise": 0.0, "weight_noise_mode": "absolute"}
 
 
 @dataclass(frozen=True)
@@ -66,7 +62,7 @@ class SweepSpec:
         """Id derived from the sweep; fields added to the specs later are left out while
         they hold their defaults, so existing stores keep their sweep ids."""
         d = self.to_dict()
-        for part, later in (("base", _LATER_TRAIN), ("eval", _LATER_EVAL)):
+        for part, later in (("base", LATER_FIELDS), ("eval", LATER_EVAL_FIELDS)):
             for name, default in later.items():
                 if d[part].get(name) == default:
                     del d[part][name]
