@@ -43,6 +43,8 @@ class NoisyRecurrent(nn.Module):
         input_size: inputs per time step (28 for image rows, 2 for pen strokes).
         hidden_size: state size H (128 in the paper).
         num_classes: outputs of the final fully connected layer.
+        init: initialisation scheme, one of :data:`INITS` (drawn once, from torch's global
+            generator: seed it to make the weights reproducible).
     """
 
     gates: ClassVar[int]
@@ -50,7 +52,7 @@ class NoisyRecurrent(nn.Module):
     gate_names: ClassVar[tuple[str, ...]]
     noisy_products: ClassVar[int]  # noisy matrix-vector products per step (plus the output layer)
 
-    def __init__(self, input_size: int, hidden_size: int = HIDDEN_SIZE, num_classes: int = NUM_CLASSES):
+    def __init__(self, input_size: int, hidden_size: int = HIDDEN_SIZE, num_classes: int = NUM_CLASSES, init: str = "torch"):
         super().__init__()
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -58,7 +60,7 @@ class NoisyRecurrent(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.gates * hidden_size, input_size + hidden_size))
         self.bias = nn.Parameter(torch.empty(self.gates * hidden_size))
         self.fc = nn.Linear(hidden_size, num_classes)
-        self.reset_parameters()
+        self.reset_parameters(init)
 
     def reset_parameters(self, scheme: str = "torch") -> None:
         """Initialise every parameter with one of :data:`INITS`.
@@ -300,13 +302,15 @@ class NoisyGRU(NoisyRecurrent):
 _MODELS: dict[str, type[NoisyRecurrent]] = {"lstm": NoisyLSTM, "rnn": NoisyRNN, "gru": NoisyGRU}
 
 
-def build_model(arch: str, input_size: int, hidden_size: int = HIDDEN_SIZE, num_classes: int = NUM_CLASSES) -> NoisyRecurrent:
-    """Create an untrained classifier of the given architecture."""
+def build_model(
+    arch: str, input_size: int, hidden_size: int = HIDDEN_SIZE, num_classes: int = NUM_CLASSES, init: str = "torch"
+) -> NoisyRecurrent:
+    """Create an untrained classifier of the given architecture, initialised by ``init``."""
     try:
         cls = _MODELS[arch]
     except KeyError:
         raise SpecError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}") from None
-    return cls(input_size, hidden_size, num_classes)
+    return cls(input_size, hidden_size, num_classes, init)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -120,9 +120,8 @@ def train(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(spec.seed, "init"))
-        model = build_model(spec.arch, full.inputs, spec.hidden_size)
-        model.reset_parameters(spec.init)
-        model = model.to(device)
+        # Initialised once: the first draws of the init seed (as every model since the start).
+        model = build_model(spec.arch, full.inputs, spec.hidden_size, init=spec.init).to(device)
     model.parse_sites(spec.sites)  # fail early on an unknown site
     noise = make_noise(spec.noise, spec.sigma_train)
     clean = make_noise(spec.noise, 0.0)

@@ -3,9 +3,12 @@ import math
 import pytest
 import torch
 
+import dni.train
+
 from dni.errors import SpecError
 from dni.models import build_model, count_parameters
 from dni.noise import AdditiveGaussian
+from dni.seeding import derive_seed
 from dni.spec import TrainSpec
 
 # Tables I, II and III of the paper.
@@ -216,3 +219,37 @@ def test_init_is_part_of_the_model_id_only_when_not_the_default():
     assert TrainSpec(init="keras").model_id != TrainSpec().model_id
     with pytest.raises(SpecError):
         TrainSpec(init="xavier")
+
+
+def test_models_are_initialised_once_from_the_first_draws_of_their_seed():
+    # Values of the first draws for seed derive_seed(0, "init"), as every stored torch-
+    # initialised model was drawn: W first, then b, then the output layer.
+    torch.manual_seed(derive_seed(0, "init"))
+    model = build_model("lstm", 28, init="torch")
+    assert model.weight.flatten()[:3].tolist() == [-0.01859224960207939, -0.053821008652448654, 0.052843086421489716]
+    assert model.fc.weight.flatten()[:2].tolist() == [0.05533868446946144, 0.020897112786769867]
+
+
+@pytest.mark.parametrize("init", ["torch", "keras"])
+def test_training_starts_from_the_weights_build_model_draws(init, fixture_data, monkeypatch):
+    built, started = [], []
+    real_build, real_adam = dni.train.build_model, torch.optim.Adam
+
+    def spy_build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        built.append({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    def spy_adam(params, **kwargs):
+        params = list(params)
+        started.append([p.detach().clone() for p in params])
+        return real_adam(params, **kwargs)
+
+    monkeypatch.setattr(dni.train, "build_model", spy_build)
+    monkeypatch.setattr(torch.optim, "Adam", spy_adam)
+    dni.train.train(TrainSpec(arch="rnn", init=init, epochs=1, limit_train=60, val_size=20), fixture_data)
+    assert len(built) == 1 and len(started) == 1
+    assert all(torch.equal(a, b) for a, b in zip(built[0].values(), started[0]))
+    torch.manual_seed(derive_seed(0, "init"))
+    again = build_model("rnn", 28, init=init)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), built[0].values()))
