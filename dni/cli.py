@@ -100,6 +100,7 @@ RngOpt = Annotated[str, typer.Option("--rng", help="Inference noise generator: p
 NoiseTrainOpt = Annotated[str, typer.Option("--noise-train", help="Training noise model: additive, multiplicative, mixed:R, relative.")]
 NoiseValOpt = Annotated[str, typer.Option("--noise-val", help="Inference noise model: additive, multiplicative, mixed:R, relative.")]
 WeightNoiseOpt = Annotated[float, typer.Option("--weight-noise", help="Std of programming noise on the weights, redrawn per repeat.")]
+TrainRngOpt = Annotated[str, typer.Option("--train-rng", help="Training-noise generator: torch (default) or philox (dni's stream; runs the compiled training kernels on CPU, ~1.5-2x faster).")]
 InitOpt = Annotated[str, typer.Option("--init", help="Weight initialisation: torch (PyTorch's defaults) or keras (Glorot/orthogonal, zero biases).")]
 SitesOpt = Annotated[str, typer.Option("--sites", help="Noisy products: all, cell, none, or a list of gate sites (i,f,g,o / h / r,u,nx,nh) and out.")]
 WeightModeOpt = Annotated[str, typer.Option("--weight-noise-mode", help="absolute, or relative to each tensor's max |w|.")]
@@ -121,6 +122,7 @@ def train_cli(
     stroke_repr: StrokeOpt = "absolute",
     hidden_size: HiddenOpt = 128,
     init: InitOpt = "torch",
+    train_rng: TrainRngOpt = "torch",
     seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling and training noise.")] = 0,
     limit_train: LimitTrainOpt = None,
     store: StoreOpt = Path("store"),
@@ -139,7 +141,7 @@ def train_cli(
         spec = TrainSpec(
             arch=arch, data=data, sigma_train=sigma_train, noise=noise_train, stroke_repr=stroke_repr, hidden_size=hidden_size,
             epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, grad_clip=grad_clip,
-            val_size=val_size, limit_train=limit_train, seed=seed, sites=sites, init=init,
+            val_size=val_size, limit_train=limit_train, seed=seed, sites=sites, init=init, rng=train_rng,
         )
         st = Store(store)
         result = train_job(st.root, spec, data_dir, str(resolve_device(device)), force, _reporter())
@@ -174,6 +176,7 @@ def sweep_cli(
     stroke_repr: StrokeOpt = "absolute",
     hidden_size: HiddenOpt = 128,
     init: InitOpt = "torch",
+    train_rng: TrainRngOpt = "torch",
     limit_train: LimitTrainOpt = None,
     limit_test: LimitTestOpt = None,
     eval_seed: EvalSeedOpt = 0,
@@ -202,7 +205,7 @@ def sweep_cli(
     with user_errors():
         base = TrainSpec(
             arch=arch, data=data, noise=noise_train, stroke_repr=stroke_repr, hidden_size=hidden_size, epochs=epochs, batch_size=batch_size,
-            lr=lr, lr_decay=lr_decay, grad_clip=grad_clip, val_size=val_size, limit_train=limit_train, init=init,
+            lr=lr, lr_decay=lr_decay, grad_clip=grad_clip, val_size=val_size, limit_train=limit_train, init=init, rng=train_rng,
         )
         if seeds < 1:
             raise SpecError(f"--seeds must be >= 1, got {seeds}")

@@ -175,12 +175,15 @@ class NoisyRecurrent(nn.Module):
         c = xp.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
         fused = None if observer is not None else _fused_kernel(self, noise, generator, xp)
         if fused is not None:
-            from dni.kernels import fused_recurrence
+            from dni.kernels import fused_recurrence, fused_recurrence_train
 
             lib, sigma = fused
             # The stream positions of every step's noise, in the order the generic path takes them.
             starts = [generator.take(batch * w_h.shape[0]) if sigma else 0 for _ in range(xp.shape[0])]
-            fused_recurrence(lib, self.arch, xp, w_h, h, c, generator.key, starts, sigma)
+            if torch.is_grad_enabled() and (xp.requires_grad or w_h.requires_grad):
+                h = fused_recurrence_train(lib, self.arch, xp, w_h, generator.key, starts, sigma)
+            else:
+                fused_recurrence(lib, self.arch, xp, w_h, h, c, generator.key, starts, sigma)
             return noise(self.fc(h), generator)
         for t, xp_t in enumerate(xp.unbind(0)):
             # Eq. (2): g(W·[x_t, h_{t-1}] + b + z), one draw per pre-activation element.
@@ -247,16 +250,17 @@ class NoisyLSTM(NoisyRecurrent):
 def _fused_kernel(model: NoisyRecurrent, noise: NoiseModel, generator, xp: torch.Tensor):
     """(library, sigma) when the compiled fused step applies, else None.
 
-    It applies to inference (no autograd) on CPU in fp32 with additive Gaussian noise from
-    a Philox stream: it computes the same pre-activation + noise and gate maths as
-    :meth:`NoisyRecurrent.step`, drawing the same samples, in one pass over memory.
+    It applies on CPU in fp32 with additive Gaussian noise from a Philox stream, in
+    inference and in training (with a hand-written backward): it computes the same
+    pre-activation + noise and gate maths as :meth:`NoisyRecurrent.step`, drawing the
+    same samples, in one pass over memory.
     """
     from dni import kernels
     from dni.noise import AdditiveGaussian, PhiloxGenerator
 
     if not (isinstance(noise, AdditiveGaussian) and isinstance(generator, PhiloxGenerator)):
         return None
-    if torch.is_grad_enabled() or xp.device.type != "cpu" or xp.dtype != torch.float32 or model.hidden_size % 4:
+    if xp.device.type != "cpu" or xp.dtype != torch.float32 or model.hidden_size % 4:
         return None
     if type(model).step not in (NoisyLSTM.step, NoisyRNN.step):
         return None  # a subclass with its own cell maths

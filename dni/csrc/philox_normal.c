@@ -19,6 +19,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define PHILOX_M0 0xD2511F53u
 #define PHILOX_M1 0xCD9E8D57u
@@ -96,14 +99,59 @@ static inline void sincos_2pi(float v, float *c, float *s) {
     *s = sn;
 }
 
+#ifdef __AVX512F__
+/* hi and lo 32 bits of the 16 products a * m (unsigned 32 x 32 -> 64 bits). */
+static inline void mulhilo16(__m512i a, __m512i m, __m512i *hi, __m512i *lo) {
+    __m512i even = _mm512_mul_epu32(a, m);                         /* lanes 0, 2, ..: 64-bit products */
+    __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);   /* lanes 1, 3, .. */
+    *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+    *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+/* Philox4x32-10 of the 16 blocks counter .. counter + 15 (integer maths: the same bits as
+ * the portable loop below, which gcc vectorises less well). */
+static inline void philox16(uint32_t *r0, uint32_t *r1, uint32_t *r2, uint32_t *r3, uint64_t counter,
+                            uint32_t key0, uint32_t key1) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i lo_base = _mm512_set1_epi32((int)(uint32_t)counter);
+    __m512i c0 = _mm512_add_epi32(lo_base, iota);
+    __mmask16 carry = _mm512_cmplt_epu32_mask(c0, lo_base); /* low word wrapped */
+    __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32((int)(uint32_t)(counter >> 32)), carry,
+                                       _mm512_set1_epi32((int)(uint32_t)(counter >> 32)), _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    const __m512i m0 = _mm512_set1_epi32((int)PHILOX_M0), m1 = _mm512_set1_epi32((int)PHILOX_M1);
+    uint32_t k0 = key0, k1 = key1;
+    for (int r = 0; r < 10; r++) {
+        __m512i hi0, lo0, hi1, lo1;
+        mulhilo16(c0, m0, &hi0, &lo0);
+        mulhilo16(c2, m1, &hi1, &lo1);
+        /* 0x96: a ^ b ^ c */
+        c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32((int)k0), 0x96);
+        c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32((int)k1), 0x96);
+        c1 = lo1;
+        c3 = lo0;
+        k0 += PHILOX_W0; k1 += PHILOX_W1;
+    }
+    _mm512_storeu_si512((void *)r0, c0);
+    _mm512_storeu_si512((void *)r1, c1);
+    _mm512_storeu_si512((void *)r2, c2);
+    _mm512_storeu_si512((void *)r3, c3);
+}
+#endif
+
 /* m <= CHUNK Philox blocks starting at `counter`, as 4m normals (times scale) in z,
  * in stream order: z[4j + lane]. */
 static inline void normal_blocks(float *restrict z, int m, uint64_t key, uint64_t counter, float scale) {
     const uint32_t key0 = (uint32_t)key, key1 = (uint32_t)(key >> 32);
     uint32_t r0[CHUNK], r1[CHUNK], r2[CHUNK], r3[CHUNK];
     float z0[CHUNK], z1[CHUNK], z2[CHUNK], z3[CHUNK];
+    int first = 0;
+#ifdef __AVX512F__
+    for (; first + 16 <= m; first += 16)
+        philox16(r0 + first, r1 + first, r2 + first, r3 + first, counter + (uint64_t)first, key0, key1);
+#endif
 #pragma omp simd
-    for (int j = 0; j < m; j++) {
+    for (int j = first; j < m; j++) {
         uint64_t cnt = counter + (uint64_t)j;
         uint32_t c0 = (uint32_t)cnt, c1 = (uint32_t)(cnt >> 32), c2 = 0, c3 = 0;
         uint32_t k0 = key0, k1 = key1;
@@ -206,5 +254,68 @@ void dni_rnn_step(const float *pre, float *h, int64_t B, int64_t H, uint64_t key
         }
 #pragma omp simd
         for (int64_t i = 0; i < w; i++) h[i0 + i] = tanh_f(pre[i0 + i] + z[i]);
+    }
+}
+
+/* ------------------------------------------------------------------ training (autograd) */
+
+/* Forward of one noisy LSTM step for training. pre: (B, 4H) pre-activations, read only;
+ * c_prev: (B, H); writes c, h: (B, H) and act: (B, 4H), the activated gates (i, f, g, o)
+ * that the backward step needs. Noise as in dni_lstm_step (same stream positions). */
+void dni_lstm_train_fwd(const float *pre, const float *c_prev, float *c, float *h, float *act,
+                        int64_t B, int64_t H, uint64_t key, uint64_t counter, float sigma) {
+    float z[4 * CHUNK];
+    for (int64_t b = 0; b < B; b++) {
+        const float *p = pre + b * 4 * H;
+        const float *cp = c_prev + b * H;
+        float *cb = c + b * H, *hb = h + b * H, *a = act + b * 4 * H;
+        for (int64_t k0 = 0; k0 < H; k0 += CHUNK) {
+            const int64_t w = (H - k0) < CHUNK ? (H - k0) : CHUNK;
+            float zi[CHUNK], zf[CHUNK], zg[CHUNK], zo[CHUNK];
+            if (sigma != 0.0f) {
+                for (int q = 0; q < 4; q++) {
+                    float *dst = q == 0 ? zi : q == 1 ? zf : q == 2 ? zg : zo;
+                    const int64_t first = q * H + k0;
+                    normal_blocks(z, (int)((w + 3) / 4), key, counter + (uint64_t)((b * 4 * H + first) / 4), sigma);
+                    memcpy(dst, z, (size_t)w * sizeof(float));
+                }
+            } else {
+                memset(zi, 0, sizeof zi); memset(zf, 0, sizeof zf); memset(zg, 0, sizeof zg); memset(zo, 0, sizeof zo);
+            }
+#pragma omp simd
+            for (int64_t k = 0; k < w; k++) {
+                float gi = sigmoid_f(p[k0 + k] + zi[k]);
+                float gf = sigmoid_f(p[H + k0 + k] + zf[k]);
+                float gg = tanh_f(p[2 * H + k0 + k] + zg[k]);
+                float go = sigmoid_f(p[3 * H + k0 + k] + zo[k]);
+                float cn = gf * cp[k0 + k] + gi * gg;
+                cb[k0 + k] = cn;
+                hb[k0 + k] = go * tanh_f(cn);
+                a[k0 + k] = gi; a[H + k0 + k] = gf; a[2 * H + k0 + k] = gg; a[3 * H + k0 + k] = go;
+            }
+        }
+    }
+}
+
+/* Backward of one LSTM step. act: (B, 4H) activated gates, c_prev and c: (B, H) cell states
+ * before and after the step, dh: (B, H) gradient of h_t; dc: (B, H) gradient of c_t on
+ * entry, of c_{t-1} on return; writes dpre: (B, 4H), the gradient of the pre-activations
+ * (the noise is additive, so it is also the gradient of the noisy pre-activations). */
+void dni_lstm_train_bwd(const float *act, const float *c_prev, const float *c, const float *dh,
+                        float *dc, float *dpre, int64_t B, int64_t H) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *a = act + b * 4 * H, *cp = c_prev + b * H, *cb = c + b * H, *dhb = dh + b * H;
+        float *dcb = dc + b * H, *d = dpre + b * 4 * H;
+#pragma omp simd
+        for (int64_t k = 0; k < H; k++) {
+            float gi = a[k], gf = a[H + k], gg = a[2 * H + k], go = a[3 * H + k];
+            float tc = tanh_f(cb[k]);
+            float dct = dcb[k] + dhb[k] * go * (1.0f - tc * tc);
+            d[k] = dct * gg * gi * (1.0f - gi);
+            d[H + k] = dct * cp[k] * gf * (1.0f - gf);
+            d[2 * H + k] = dct * gi * (1.0f - gg * gg);
+            d[3 * H + k] = dhb[k] * tc * go * (1.0f - go);
+            dcb[k] = dct * gf;
+        }
     }
 }

@@ -1,0 +1,109 @@
+"""The compiled training path (Philox noise, hand-written backward) and the pinned noise bits."""
+
+import hashlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dni.train
+from dni import kernels
+from dni.models import build_model
+from dni.noise import AdditiveGaussian, PhiloxGenerator
+from dni.spec import TrainSpec
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = kernels.library()
+    if lib is None:
+        pytest.fail(f"the C kernels did not build: {kernels.build_error()}")
+    return lib
+
+
+def _loss_and_grads(model, xs, y, sigma, seed=123):
+    model.zero_grad(set_to_none=True)
+    gen = PhiloxGenerator(seed)
+    outs = [model(x, AdditiveGaussian(sigma), gen) for x in xs]  # several forwards before one backward
+    loss = sum(F.cross_entropy(o, y) for o in outs)
+    loss.backward()
+    return [o.detach() for o in outs], [p.grad.clone() for p in model.parameters()], gen.counter
+
+
+@pytest.mark.parametrize("arch,inputs,steps", [("lstm", 28, 28), ("lstm", 2, 50), ("rnn", 28, 28)])
+@pytest.mark.parametrize("sigma", [0.0, 0.7])
+@pytest.mark.parametrize("forwards", [1, 2])
+def test_fused_training_matches_autograd_over_the_torch_ops(lib, arch, inputs, steps, sigma, forwards, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(arch, inputs)
+    xs = [torch.rand(96, steps, inputs) for _ in range(forwards)]
+    y = torch.randint(0, 10, (96,))
+    calls = []
+    real = kernels.fused_recurrence_train
+    monkeypatch.setattr(kernels, "fused_recurrence_train", lambda *a: calls.append(1) or real(*a))
+    outs, grads, counter = _loss_and_grads(model, xs, y, sigma)
+    assert len(calls) == forwards  # the compiled path ran
+    monkeypatch.setattr("dni.models._fused_kernel", lambda *a: None)
+    ref_outs, ref_grads, ref_counter = _loss_and_grads(model, xs, y, sigma)
+    assert counter == ref_counter  # same stream positions
+    for a, b in zip(outs, ref_outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_generator_and_restricted_sites_keep_the_autograd_path(lib, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "fused_recurrence_train", lambda *a: calls.append(1))
+    model = build_model("lstm", 28)
+    x = torch.rand(8, 28, 28)
+    model(x, AdditiveGaussian(0.5), torch.Generator().manual_seed(0)).sum().backward()
+    model(x, AdditiveGaussian(0.5), PhiloxGenerator(0), sites="f,o").sum().backward()
+    assert calls == []
+
+
+def test_train_rng_is_a_spec_field_left_out_of_ids_at_its_default():
+    assert TrainSpec().model_id == TrainSpec(rng="torch").model_id
+    assert TrainSpec(rng="philox").model_id != TrainSpec().model_id
+    with pytest.raises(Exception):
+        TrainSpec(rng="mt19937")
+
+
+def test_training_with_philox_noise_is_reproducible_and_matches_the_generic_path(lib, fixture_data, monkeypatch):
+    spec = TrainSpec(arch="lstm", sigma_train=0.5, rng="philox", epochs=1, limit_train=300, val_size=44)
+    first = dni.train.train(spec, fixture_data)
+    again = dni.train.train(spec, fixture_data)
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
+    monkeypatch.setattr("dni.models._fused_kernel", lambda *a: None)
+    generic = dni.train.train(spec, fixture_data)
+    for a, b in zip(first.model.state_dict().values(), generic.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    assert first.history[0]["val_accuracy"] == pytest.approx(generic.history[0]["val_accuracy"], abs=0.05)
+
+
+def _has_avx512():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return " avx512f " in flags and " fma " in flags
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="pinned bits were recorded on an AVX-512 CPU (FMA contraction)")
+def test_noise_and_step_bits_are_pinned(lib):
+    """The stored evaluation results were computed with these bits: any change to the
+    generator or the step kernels that alters them makes the store unreproducible."""
+    g = PhiloxGenerator(12345)
+    g.counter = 2**32 - 7  # the low counter word wraps inside the draw
+    z = g.normal((400_003,), torch.device("cpu"), torch.float32)
+    assert hashlib.sha256(z.numpy().tobytes()).hexdigest() == "2f85f2d14c79ecb572172cf849a730d4d87f3eca1abd4f0d3b0a96668e5b86b8"
+    gen = torch.Generator().manual_seed(3)
+    batch, hidden = 300, 128
+    pre = (torch.rand(batch, 4 * hidden, generator=gen) - 0.5) * 8
+    c = torch.rand(batch, hidden, generator=gen) - 0.5
+    h, h_rnn = torch.empty(batch, hidden), torch.empty(batch, 4 * hidden)
+    lib.dni_lstm_step(pre.data_ptr(), c.data_ptr(), h.data_ptr(), batch, hidden, 99, 2**32 - 11, 0.7)
+    lib.dni_rnn_step(pre.data_ptr(), h_rnn.data_ptr(), batch, 4 * hidden, 99, 2**32 - 11, 0.7)
+    digest = hashlib.sha256(c.numpy().tobytes() + h.numpy().tobytes() + h_rnn.numpy().tobytes()).hexdigest()
+    assert digest == "458ed75eb2bbc64c48dc33e834852dff1742241fe481bd4229f39924d22e7682"
