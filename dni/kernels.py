@@ -74,10 +74,10 @@ def _compile() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(lib_path))
     f32p, i64, u64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float
     lib.dni_normal.argtypes = [f32p, i64, u64, u64, f32, ctypes.c_int]
-    lib.dni_lstm_step.argtypes = [f32p, f32p, f32p, i64, i64, u64, u64, f32]
-    lib.dni_rnn_step.argtypes = [f32p, f32p, i64, i64, u64, u64, f32]
+    lib.dni_lstm_step.argtypes = [f32p, f32p, f32p, f32p, i64, i64, u64, u64, f32]
+    lib.dni_rnn_step.argtypes = [f32p, f32p, f32p, i64, i64, u64, u64, f32]
     lib.dni_philox4x32_10.argtypes = [ctypes.c_void_p] * 3
-    lib.dni_lstm_train_fwd.argtypes = [f32p] * 5 + [i64, i64, u64, u64, f32]
+    lib.dni_lstm_train_fwd.argtypes = [f32p] * 6 + [i64, i64, u64, u64, f32]
     lib.dni_lstm_train_bwd.argtypes = [f32p] * 6 + [i64, i64]
     for fn in (lib.dni_normal, lib.dni_lstm_step, lib.dni_rnn_step, lib.dni_philox4x32_10, lib.dni_lstm_train_fwd, lib.dni_lstm_train_bwd):
         fn.restype = None
@@ -158,17 +158,22 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
     steps, batch, _ = xp.shape
     hidden = h.shape[1]
     per_row = hidden if arch == "lstm" else hidden // 4  # stream blocks per row and step (4 normals each)
-    w_t = w_h.t()
+    xp = xp.contiguous()
+    w_t = w_h.contiguous().t()
 
     def run(r0: int, r1: int) -> None:
         hb, cb = h[r0:r1], (c[r0:r1] if c is not None else None)
+        mm = xp.new_empty(r1 - r0, xp.shape[2])  # reused by every step
         for t in range(steps):
-            pre = torch.addmm(xp[t, r0:r1], hb, w_t)
+            # The kernel adds xp[t] to the product: mm + xp rounds as addmm(xp, h, W_h^T) does,
+            # and a plain mm into a reused buffer is ~20% faster than addmm here.
+            torch.mm(hb, w_t, out=mm)
             start = starts[t] + r0 * per_row
+            x = xp[t, r0:r1].data_ptr()
             if arch == "lstm":
-                lib.dni_lstm_step(pre.data_ptr(), cb.data_ptr(), hb.data_ptr(), r1 - r0, hidden, key, start, sigma)
+                lib.dni_lstm_step(mm.data_ptr(), x, cb.data_ptr(), hb.data_ptr(), r1 - r0, hidden, key, start, sigma)
             else:
-                lib.dni_rnn_step(pre.data_ptr(), hb.data_ptr(), r1 - r0, hidden, key, start, sigma)
+                lib.dni_rnn_step(mm.data_ptr(), x, hb.data_ptr(), r1 - r0, hidden, key, start, sigma)
 
     _in_row_blocks(run, batch, threads)
 
@@ -182,13 +187,18 @@ def _in_row_blocks(run: Callable[[int, int], None], batch: int, threads: int | N
         run(0, batch)
         return
     bounds = [batch * k // parts for k in range(parts + 1)]
-    def run_no_grad(r0: int, r1: int) -> None:  # grad mode is per thread: pool threads start with it on
+    def run_in_pool(r0: int, r1: int) -> None:
+        # Grad mode and OpenMP's thread count are per thread: a pool thread starts with grad
+        # on and with as many OpenMP threads as cores, so its GEMMs would start a team of
+        # their own, which oversubscribes the cores and keeps spinning afterwards.
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
         with torch.no_grad():
             run(r0, r1)
 
     with _torch_single_threaded():
         pool = _threads_pool(parts - 1)
-        futures = [pool.submit(run_no_grad, bounds[k], bounds[k + 1]) for k in range(1, parts)]
+        futures = [pool.submit(run_in_pool, bounds[k], bounds[k + 1]) for k in range(1, parts)]
         run(bounds[0], bounds[1])
         for f in futures:
             f.result()
@@ -217,14 +227,14 @@ class _NoisyRecurrenceTrain(torch.autograd.Function):
         hs = xp.new_zeros(steps + 1, batch, hidden)
         cs = xp.new_zeros(steps + 1, batch, hidden) if lstm else xp.new_empty(0)
         acts = xp.new_empty(steps, batch, rows) if lstm else xp.new_empty(0)
-        pre = xp.new_empty(batch, rows)  # reused by every step
+        mm = xp.new_empty(batch, rows)  # reused by every step; the kernels add xp[t]
         for t in range(steps):
-            torch.addmm(xp[t], hs[t], w_t, out=pre)
+            torch.mm(hs[t], w_t, out=mm)
             if lstm:
-                lib.dni_lstm_train_fwd(pre.data_ptr(), cs[t].data_ptr(), cs[t + 1].data_ptr(), hs[t + 1].data_ptr(),
-                                       acts[t].data_ptr(), batch, hidden, key, starts[t], sigma)
+                lib.dni_lstm_train_fwd(mm.data_ptr(), xp[t].data_ptr(), cs[t].data_ptr(), cs[t + 1].data_ptr(),
+                                       hs[t + 1].data_ptr(), acts[t].data_ptr(), batch, hidden, key, starts[t], sigma)
             else:
-                lib.dni_rnn_step(pre.data_ptr(), hs[t + 1].data_ptr(), batch, hidden, key, starts[t], sigma)
+                lib.dni_rnn_step(mm.data_ptr(), xp[t].data_ptr(), hs[t + 1].data_ptr(), batch, hidden, key, starts[t], sigma)
         ctx.lib, ctx.lstm = lib, lstm
         ctx.save_for_backward(w_h, hs, cs, acts)
         return hs[steps].clone()

@@ -103,7 +103,28 @@ def test_noise_and_step_bits_are_pinned(lib):
     pre = (torch.rand(batch, 4 * hidden, generator=gen) - 0.5) * 8
     c = torch.rand(batch, hidden, generator=gen) - 0.5
     h, h_rnn = torch.empty(batch, hidden), torch.empty(batch, 4 * hidden)
-    lib.dni_lstm_step(pre.data_ptr(), c.data_ptr(), h.data_ptr(), batch, hidden, 99, 2**32 - 11, 0.7)
-    lib.dni_rnn_step(pre.data_ptr(), h_rnn.data_ptr(), batch, 4 * hidden, 99, 2**32 - 11, 0.7)
+    lib.dni_lstm_step(pre.data_ptr(), None, c.data_ptr(), h.data_ptr(), batch, hidden, 99, 2**32 - 11, 0.7)
+    lib.dni_rnn_step(pre.data_ptr(), None, h_rnn.data_ptr(), batch, 4 * hidden, 99, 2**32 - 11, 0.7)
     digest = hashlib.sha256(c.numpy().tobytes() + h.numpy().tobytes() + h_rnn.numpy().tobytes()).hexdigest()
     assert digest == "458ed75eb2bbc64c48dc33e834852dff1742241fe481bd4229f39924d22e7682"
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="pinned bits were recorded on an AVX-512 CPU (FMA contraction)")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_inference_logits_are_pinned(lib, threads):
+    """Noisy logits of the compiled inference path, as the stored results were computed
+    (these hashes come from the code that evaluated the paper run)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        digests = []
+        for arch in ("lstm", "rnn"):
+            torch.manual_seed(1)
+            model = build_model(arch, 28).eval()
+            x = torch.rand(1000, 28, 28)
+            with torch.no_grad():
+                y = model(x, AdditiveGaussian(0.6), PhiloxGenerator(77))
+            digests.append(hashlib.sha256(y.numpy().tobytes()).hexdigest()[:16])
+    finally:
+        torch.set_num_threads(before)
+    assert digests == ["117b33c9a5fd5949", "f98878634507c4b7"]

@@ -203,46 +203,73 @@ void dni_normal(float *out, int64_t n, uint64_t key, uint64_t counter, float sca
     }
 }
 
-/* One noisy LSTM step for a batch. pre: (B, 4H) pre-activations W.[x, h] + b, gate order
- * (i, f, g, o), read only; c: (B, H) cell state, updated; h: (B, H) output state, written.
- * Row b draws its 4H noise samples from blocks counter + b * H of stream `key`, exactly
- * the samples dni_normal would add to the whole (B, 4H) tensor. sigma == 0: no noise. */
-void dni_lstm_step(const float *pre, float *c, float *h, int64_t B, int64_t H, uint64_t key, uint64_t counter, float sigma) {
+/* The noise of one LSTM row: zi..zo[k] = sigma * (noise of gate q, unit k0 + k), outputs
+ * q*H + k0 + k of row b of a (B, 4H) draw at block `counter` (zeros when sigma == 0). */
+static inline void lstm_row_noise(float *zi, float *zf, float *zg, float *zo, int64_t b, int64_t H, int64_t k0,
+                                  int64_t w, uint64_t key, uint64_t counter, float sigma) {
     float z[4 * CHUNK];
+    if (sigma == 0.0f) {
+        memset(zi, 0, CHUNK * sizeof(float)); memset(zf, 0, CHUNK * sizeof(float));
+        memset(zg, 0, CHUNK * sizeof(float)); memset(zo, 0, CHUNK * sizeof(float));
+        return;
+    }
+    for (int q = 0; q < 4; q++) {
+        float *dst = q == 0 ? zi : q == 1 ? zf : q == 2 ? zg : zo;
+        const int64_t first = q * H + k0; /* multiple of 4 when H is */
+        normal_blocks(z, (int)((w + 3) / 4), key, counter + (uint64_t)((b * 4 * H + first) / 4), sigma);
+        memcpy(dst, z, (size_t)w * sizeof(float));
+    }
+}
+
+/* Gates of w units of one LSTM row: pre-activation (mm + xp) + z, as the generic path
+ * computes addmm(xp, h, W_h^T) + z (mm + xp rounds like addmm: a test checks it). xp may be
+ * NULL (pre-activations given whole in mm). c_prev and c may alias; act (the activated
+ * gates, for the backward) may be NULL. */
+static inline __attribute__((always_inline)) void lstm_row_gates(
+    const float *mm, const float *xp, const float *c_prev, float *c, float *h, float *act, int64_t H, int64_t k0,
+    int64_t w, const float *zi, const float *zf, const float *zg, const float *zo) {
+#pragma omp simd
+    for (int64_t k = 0; k < w; k++) {
+        const int64_t u = k0 + k;
+        float pi = mm[u], pf = mm[H + u], pg = mm[2 * H + u], po = mm[3 * H + u];
+        if (xp) { pi += xp[u]; pf += xp[H + u]; pg += xp[2 * H + u]; po += xp[3 * H + u]; }
+        float gi = sigmoid_f(pi + zi[k]);
+        float gf = sigmoid_f(pf + zf[k]);
+        float gg = tanh_f(pg + zg[k]);
+        float go = sigmoid_f(po + zo[k]);
+        float cn = gf * c_prev[u] + gi * gg;
+        c[u] = cn;
+        h[u] = go * tanh_f(cn);
+        if (act) { act[u] = gi; act[H + u] = gf; act[2 * H + u] = gg; act[3 * H + u] = go; }
+    }
+}
+
+/* One noisy LSTM step for a batch. mm: (B, 4H) recurrent products h_{t-1} W_h^T, xp: (B, 4H)
+ * input projections W_x x_t + b or NULL, gate order (i, f, g, o), read only; c: (B, H)
+ * cell state, updated; h: (B, H) output state, written. Row b draws its 4H noise samples
+ * from blocks counter + b * H of stream `key`, exactly the samples dni_normal would add to
+ * the whole (B, 4H) tensor. sigma == 0: no noise. */
+void dni_lstm_step(const float *mm, const float *xp, float *c, float *h, int64_t B, int64_t H, uint64_t key,
+                   uint64_t counter, float sigma) {
+    float zi[CHUNK], zf[CHUNK], zg[CHUNK], zo[CHUNK];
     for (int64_t b = 0; b < B; b++) {
-        const float *p = pre + b * 4 * H;
+        const float *m = mm + b * 4 * H, *x = xp ? xp + b * 4 * H : NULL;
         float *cb = c + b * H, *hb = h + b * H;
         for (int64_t k0 = 0; k0 < H; k0 += CHUNK) {
             const int64_t w = (H - k0) < CHUNK ? (H - k0) : CHUNK; /* units in this slice */
-            float zi[CHUNK], zf[CHUNK], zg[CHUNK], zo[CHUNK];
-            if (sigma != 0.0f) {
-                /* The noise of gate q, unit k is output q*H + k of this row. */
-                for (int q = 0; q < 4; q++) {
-                    float *dst = q == 0 ? zi : q == 1 ? zf : q == 2 ? zg : zo;
-                    const int64_t first = q * H + k0; /* multiple of 4 when H is */
-                    const int64_t blocks = (w + 3) / 4;
-                    normal_blocks(z, (int)blocks, key, counter + (uint64_t)((b * 4 * H + first) / 4), sigma);
-                    memcpy(dst, z, (size_t)w * sizeof(float));
-                }
-            } else {
-                memset(zi, 0, sizeof zi); memset(zf, 0, sizeof zf); memset(zg, 0, sizeof zg); memset(zo, 0, sizeof zo);
-            }
-#pragma omp simd
-            for (int64_t k = 0; k < w; k++) {
-                float gi = sigmoid_f(p[k0 + k] + zi[k]);
-                float gf = sigmoid_f(p[H + k0 + k] + zf[k]);
-                float gg = tanh_f(p[2 * H + k0 + k] + zg[k]);
-                float go = sigmoid_f(p[3 * H + k0 + k] + zo[k]);
-                float cn = gf * cb[k0 + k] + gi * gg;
-                cb[k0 + k] = cn;
-                hb[k0 + k] = go * tanh_f(cn);
-            }
+            lstm_row_noise(zi, zf, zg, zo, b, H, k0, w, key, counter, sigma);
+            if (x)
+                lstm_row_gates(m, x, cb, cb, hb, NULL, H, k0, w, zi, zf, zg, zo);
+            else
+                lstm_row_gates(m, NULL, cb, cb, hb, NULL, H, k0, w, zi, zf, zg, zo);
         }
     }
 }
 
-/* One noisy vanilla-RNN step: h = tanh(pre + z), pre (B, H). Noise as in dni_normal. */
-void dni_rnn_step(const float *pre, float *h, int64_t B, int64_t H, uint64_t key, uint64_t counter, float sigma) {
+/* One noisy vanilla-RNN step: h = tanh((mm + xp) + z), mm and xp (B, H), xp may be NULL.
+ * Noise as in dni_normal. */
+void dni_rnn_step(const float *mm, const float *xp, float *h, int64_t B, int64_t H, uint64_t key, uint64_t counter,
+                  float sigma) {
     float z[4 * CHUNK];
     const int64_t n = B * H;
     for (int64_t i0 = 0; i0 < n; i0 += 4 * CHUNK) {
@@ -252,47 +279,33 @@ void dni_rnn_step(const float *pre, float *h, int64_t B, int64_t H, uint64_t key
         } else {
             memset(z, 0, sizeof z);
         }
+        if (xp) {
 #pragma omp simd
-        for (int64_t i = 0; i < w; i++) h[i0 + i] = tanh_f(pre[i0 + i] + z[i]);
+            for (int64_t i = 0; i < w; i++) h[i0 + i] = tanh_f((mm[i0 + i] + xp[i0 + i]) + z[i]);
+        } else {
+#pragma omp simd
+            for (int64_t i = 0; i < w; i++) h[i0 + i] = tanh_f(mm[i0 + i] + z[i]);
+        }
     }
 }
 
 /* ------------------------------------------------------------------ training (autograd) */
 
-/* Forward of one noisy LSTM step for training. pre: (B, 4H) pre-activations, read only;
- * c_prev: (B, H); writes c, h: (B, H) and act: (B, 4H), the activated gates (i, f, g, o)
- * that the backward step needs. Noise as in dni_lstm_step (same stream positions). */
-void dni_lstm_train_fwd(const float *pre, const float *c_prev, float *c, float *h, float *act,
+/* Forward of one noisy LSTM step for training: as dni_lstm_step, but reading c_prev and
+ * writing c, h: (B, H) and act: (B, 4H), the activated gates (i, f, g, o) that the
+ * backward step needs. */
+void dni_lstm_train_fwd(const float *mm, const float *xp, const float *c_prev, float *c, float *h, float *act,
                         int64_t B, int64_t H, uint64_t key, uint64_t counter, float sigma) {
-    float z[4 * CHUNK];
+    float zi[CHUNK], zf[CHUNK], zg[CHUNK], zo[CHUNK];
     for (int64_t b = 0; b < B; b++) {
-        const float *p = pre + b * 4 * H;
-        const float *cp = c_prev + b * H;
-        float *cb = c + b * H, *hb = h + b * H, *a = act + b * 4 * H;
+        const float *m = mm + b * 4 * H, *x = xp ? xp + b * 4 * H : NULL;
         for (int64_t k0 = 0; k0 < H; k0 += CHUNK) {
             const int64_t w = (H - k0) < CHUNK ? (H - k0) : CHUNK;
-            float zi[CHUNK], zf[CHUNK], zg[CHUNK], zo[CHUNK];
-            if (sigma != 0.0f) {
-                for (int q = 0; q < 4; q++) {
-                    float *dst = q == 0 ? zi : q == 1 ? zf : q == 2 ? zg : zo;
-                    const int64_t first = q * H + k0;
-                    normal_blocks(z, (int)((w + 3) / 4), key, counter + (uint64_t)((b * 4 * H + first) / 4), sigma);
-                    memcpy(dst, z, (size_t)w * sizeof(float));
-                }
-            } else {
-                memset(zi, 0, sizeof zi); memset(zf, 0, sizeof zf); memset(zg, 0, sizeof zg); memset(zo, 0, sizeof zo);
-            }
-#pragma omp simd
-            for (int64_t k = 0; k < w; k++) {
-                float gi = sigmoid_f(p[k0 + k] + zi[k]);
-                float gf = sigmoid_f(p[H + k0 + k] + zf[k]);
-                float gg = tanh_f(p[2 * H + k0 + k] + zg[k]);
-                float go = sigmoid_f(p[3 * H + k0 + k] + zo[k]);
-                float cn = gf * cp[k0 + k] + gi * gg;
-                cb[k0 + k] = cn;
-                hb[k0 + k] = go * tanh_f(cn);
-                a[k0 + k] = gi; a[H + k0 + k] = gf; a[2 * H + k0 + k] = gg; a[3 * H + k0 + k] = go;
-            }
+            lstm_row_noise(zi, zf, zg, zo, b, H, k0, w, key, counter, sigma);
+            if (x)
+                lstm_row_gates(m, x, c_prev + b * H, c + b * H, h + b * H, act + b * 4 * H, H, k0, w, zi, zf, zg, zo);
+            else
+                lstm_row_gates(m, NULL, c_prev + b * H, c + b * H, h + b * H, act + b * 4 * H, H, k0, w, zi, zf, zg, zo);
         }
     }
 }
