@@ -166,7 +166,7 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
         result[f"infer_{arch}_{data}"] = r
         log(f"{arch + ' ' + data:16s} {r['fused']:12.0f} {r['naive']:12.0f} {r['dni']:12.0f} {r['noisy_vs_fused']:9.2f} {r['noisy_vs_naive']:9.2f} {100 * r['frac_of_peak']:6.1f}%")
     log(f"{'shape':16s} {'fused torch':>12s} {'dni noisy':>12s} {'ratio':>9s} {'autograd':>12s} {'ratio':>9s}   "
-        "(training steps/s, batch 128; dni: --rng philox, autograd: --rng torch)")
+        "(training steps/s, batch 128; dni: --train-rng philox, autograd: --train-rng torch)")
     for arch, data in cases:
         r = training(arch, data)
         r["train_vs_fused"] = r["dni"] / r["fused"]

@@ -124,6 +124,8 @@ def _threads_pool(n: int) -> ThreadPoolExecutor:
     return _pool
 
 
+#: Rows a thread carries through all steps at a time: its GEMM output, h and c stay in cache.
+CACHE_ROWS = 256
 #: Batch rows below which a block is not worth a thread of its own.
 MIN_ROWS_PER_THREAD = 64
 
@@ -150,10 +152,11 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
 
     The batch is cut into contiguous row blocks, one per thread, and each thread runs every
     step of its block: the recurrent GEMM of its rows (single-threaded BLAS) and the fused
-    noise + gate kernel. ctypes and torch release the GIL, so the blocks run in parallel
+    noise + gate kernel, in sub-blocks of :data:`CACHE_ROWS` rows whose GEMM output, h and
+    c stay in cache. ctypes and torch release the GIL, so the blocks run in parallel
     without the hand-offs of a per-step split. Each row draws its noise from its own
-    position of the stream, so the noise is the same for any split; the GEMM's rounding
-    may depend on the block size (hence on the thread count, as with torch's own threads).
+    position of the stream, so the noise is the same for any split (a test pins the logits
+    for 1 and 2 threads).
     """
     steps, batch, _ = xp.shape
     hidden = h.shape[1]
@@ -161,19 +164,24 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
     xp = xp.contiguous()
     w_t = w_h.contiguous().t()
 
+    block = CACHE_ROWS
+
     def run(r0: int, r1: int) -> None:
-        hb, cb = h[r0:r1], (c[r0:r1] if c is not None else None)
-        mm = xp.new_empty(r1 - r0, xp.shape[2])  # reused by every step
-        for t in range(steps):
-            # The kernel adds xp[t] to the product: mm + xp rounds as addmm(xp, h, W_h^T) does,
-            # and a plain mm into a reused buffer is ~20% faster than addmm here.
-            torch.mm(hb, w_t, out=mm)
-            start = starts[t] + r0 * per_row
-            x = xp[t, r0:r1].data_ptr()
-            if arch == "lstm":
-                lib.dni_lstm_step(mm.data_ptr(), x, cb.data_ptr(), hb.data_ptr(), r1 - r0, hidden, key, start, sigma)
-            else:
-                lib.dni_rnn_step(mm.data_ptr(), x, hb.data_ptr(), r1 - r0, hidden, key, start, sigma)
+        mm = xp.new_empty(min(block, r1 - r0), xp.shape[2])  # reused by every step
+        for b0 in range(r0, r1, block):  # cache-sized sub-blocks, each through every step
+            b1 = min(b0 + block, r1)
+            hb, cb, mb = h[b0:b1], (c[b0:b1] if c is not None else None), mm[: b1 - b0]
+            h_ptr, c_ptr, m_ptr = hb.data_ptr(), (cb.data_ptr() if cb is not None else 0), mb.data_ptr()
+            for t in range(steps):
+                # The kernel adds xp[t] to the product: mm + xp rounds as addmm(xp, h, W_h^T)
+                # does, and a plain mm into a reused buffer is ~20% faster than addmm here.
+                torch.mm(hb, w_t, out=mb)
+                start = starts[t] + b0 * per_row
+                x = xp[t, b0:b1].data_ptr()
+                if arch == "lstm":
+                    lib.dni_lstm_step(m_ptr, x, c_ptr, h_ptr, b1 - b0, hidden, key, start, sigma)
+                else:
+                    lib.dni_rnn_step(m_ptr, x, h_ptr, b1 - b0, hidden, key, start, sigma)
 
     _in_row_blocks(run, batch, threads)
 
