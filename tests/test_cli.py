@@ -92,6 +92,7 @@ def _error(res):
         (["evaluate", "--model", "lstm-nothing"], "no model"),
         (["describe", "--arch", "cnn"], "unknown architecture"),
         (["train", "--device", "tpu"], "device"),
+        (["train", "--train-rng", "mt19937"], "training-noise generator"),
     ],
 )
 def test_bad_input_gives_one_clear_error(args, needle, tmp_path, fixture_data):
@@ -129,3 +130,18 @@ def test_corrupted_checkpoint_is_reported_and_nothing_changes(trained):
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "dni", "describe", "--arch", "rnn"], capture_output=True, text=True)
     assert res.returncode == 0 and "21386" in res.stdout
+
+
+def test_train_rng_philox_is_its_own_model_and_sweeps_pass_it_on(tmp_path, fixture_data):
+    store = tmp_path / "store"
+    for extra in ([], ["--train-rng", "philox"]):
+        res = run("train", "--arch", "rnn", "--data", "rows", "--sigma-train", "0.5", "--store", store, *TINY, *extra)
+        assert res.exit_code == 0, res.output
+    ids = Store(store).model_ids()
+    assert len(ids) == 2
+    specs = sorted(Store(store).read_spec(m).rng for m in ids)
+    assert specs == ["philox", "torch"]
+    res = run("sweep", "--arch", "rnn", "--data", "rows", "--sigma-train", "0.5", "--sigma-val", "0,1", "--repeats", "2",
+              "--limit-test", "50", "--train-rng", "philox", "--store", store, "--jobs", "1", *TINY)
+    assert res.exit_code == 0, res.output
+    assert sorted(Store(store).model_ids()) == sorted(ids)  # the sweep found the philox-trained model
