@@ -32,8 +32,8 @@ from dni.models import NoisyRecurrent, build_model
 from dni.noise import Generator, NoiseModel, make_noise
 from dni.noise import make_generator as make_noise_source
 from dni.progress import Reporter, SilentReporter
-from dni.spec import TrainSpec
 from dni.seeding import derive_seed, make_generator
+from dni.spec import TrainSpec
 
 
 @dataclass

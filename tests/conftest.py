@@ -84,3 +84,14 @@ def reference_csv(tmp_path_factory):
     res = run_dni([*CLI_SWEEP, "--store", root / "store", "--out", root / "results.csv", "--jobs", "1"], env, REAL_DATA)
     assert res.returncode == 0, res.stderr
     return root / "results.csv"
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """dni's compiled kernels; a test that needs them fails (not skips) when they do not build."""
+    from dni import kernels
+
+    lib = kernels.library()
+    if lib is None:
+        pytest.fail(f"the C kernels did not build: {kernels.build_error()}")
+    return lib

@@ -16,14 +16,6 @@ from dni.noise import AdditiveGaussian, PhiloxGenerator
 N = 2_000_000
 
 
-@pytest.fixture(scope="module")
-def lib():
-    lib = kernels.library()
-    if lib is None:
-        pytest.fail(f"the C kernels did not build: {kernels.build_error()}")
-    return lib
-
-
 def _stream(seed, n=N, start=0):
     g = PhiloxGenerator(seed)
     g.counter = start

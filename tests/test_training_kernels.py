@@ -8,17 +8,10 @@ import torch.nn.functional as F
 
 import dni.train
 from dni import kernels
+from dni.errors import SpecError
 from dni.models import build_model
 from dni.noise import AdditiveGaussian, PhiloxGenerator
 from dni.spec import TrainSpec
-
-
-@pytest.fixture(scope="module")
-def lib():
-    lib = kernels.library()
-    if lib is None:
-        pytest.fail(f"the C kernels did not build: {kernels.build_error()}")
-    return lib
 
 
 def _loss_and_grads(model, xs, y, sigma, seed=123):
@@ -65,7 +58,7 @@ def test_torch_generator_and_restricted_sites_keep_the_autograd_path(lib, monkey
 def test_train_rng_is_a_spec_field_left_out_of_ids_at_its_default():
     assert TrainSpec().model_id == TrainSpec(rng="torch").model_id
     assert TrainSpec(rng="philox").model_id != TrainSpec().model_id
-    with pytest.raises(Exception):
+    with pytest.raises(SpecError):
         TrainSpec(rng="mt19937")
 
 
