@@ -8,6 +8,7 @@ line (exit code 1) instead of a traceback.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -445,6 +446,7 @@ def reproduce_cli(
     mem_gb: Annotated[float, typer.Option("--mem-gb", help="Slurm memory per job (GB).")] = 4.0,
     slurm_config: Annotated[Optional[Path], typer.Option("--slurm-config", help="JSON file of extra submitit slurm_* parameters.")] = None,
     cases: Annotated[Optional[str], typer.Option("--cases", help="Only these cases, e.g. lstm-rows,rnn-rows (default: all three).")] = None,
+    train_rng: TrainRngOpt = "torch",
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
 ):
@@ -456,7 +458,7 @@ def reproduce_cli(
     with user_errors():
         if preset not in PRESETS:
             raise SpecError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        p = PRESETS[preset]
+        p = dataclasses.replace(PRESETS[preset], train_rng=train_rng)
         st = Store(store or results / "store")
         ex = make_executor(executor, jobs, threads, device, data_dir, partition, time_min, gpus, cpus, mem_gb, slurm_config)
         out.print(f"preset {p.name}: {p.description}")

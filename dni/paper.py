@@ -38,11 +38,13 @@ class Preset:
     val_size: int = 5000
     epochs: int | None = None  # None: the recipe's per-case default
     description: str = ""
+    train_rng: str = "torch"  # training-noise generator (philox: the compiled training path)
 
     def sweeps(self, cases=CASES) -> list[SweepSpec]:
         out = []
         for arch, data in cases:
-            base = TrainSpec(arch=arch, data=data, epochs=self.epochs, limit_train=self.limit_train, val_size=self.val_size)
+            base = TrainSpec(arch=arch, data=data, epochs=self.epochs, limit_train=self.limit_train, val_size=self.val_size,
+                             rng=self.train_rng)
             out.append(SweepSpec(base, self.sigma_train, (0,), self.eval))
         return out
 
@@ -276,6 +278,7 @@ def reproduce(
 
     provenance = {
         "preset": preset.name,
+        "train_rng": preset.train_rng,
         "cases": [f"{a}-{d}" for a, d in cases],
         "description": preset.description,
         "dni_version": dni.__version__,

@@ -118,6 +118,17 @@ def test_sweep_ids_are_stable_across_versions():
     assert [s.sweep_id for s in PRESETS["paper"].sweeps()] == ["lstm-rows-d379472a0f", "lstm-strokes-510efb7957", "rnn-rows-0e433739db"]
 
 
+def test_a_preset_with_philox_training_noise_is_a_different_set_of_models():
+    import dataclasses
+
+    from dni.paper import PRESETS
+
+    default, philox = PRESETS["paper"], dataclasses.replace(PRESETS["paper"], train_rng="philox")
+    for a, b in zip(default.sweeps(), philox.sweeps()):
+        assert b.base.rng == "philox" and a.base.rng == "torch"
+        assert a.sweep_id != b.sweep_id and not set(a.model_ids()) & set(b.model_ids())
+
+
 def test_a_sweep_registered_twice_is_listed_once(tmp_path):
     import json
 
