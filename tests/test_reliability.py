@@ -59,11 +59,25 @@ def trained(tmp_path, fixture_data):
 # ------------------------------------------------------------------ crash safety
 
 
+def _store_bytes(store) -> int:
+    """Bytes of every file in the store but the locks: grows with each checkpoint and cell."""
+    total = 0
+    for path in store.rglob("*") if store.exists() else ():
+        try:
+            if path.is_file() and path.suffix != ".lock":
+                total += path.stat().st_size
+        except OSError:  # renamed or removed while we looked
+            pass
+    return total
+
+
 def test_random_sigkills_of_the_process_pool_resume_to_identical_results(tmp_path, real_data):
     """SIGKILL the whole sweep (driver and workers) at random moments, then resume.
 
-    Kill times are drawn within the measured duration of an uninterrupted run, so the
-    kills land mid-sweep on a fast or a busy machine alike."""
+    Each run is killed a random time after it has written something new to the store (a
+    checkpoint or an evaluation cell), the time drawn from the measured duration of an
+    uninterrupted run: so the kills land mid-sweep, at different stages, on a fast or a
+    busy machine alike, and however much the earlier runs had already done."""
     args = [*CLI_SWEEP, "--epochs", "2", "--limit-train", "1000", "--jobs", "2"]
     t0 = time.perf_counter()
     ref = run_dni([*args, "--store", tmp_path / "ref", "--out", tmp_path / "ref.csv"], data=real_data)
@@ -75,8 +89,12 @@ def test_random_sigkills_of_the_process_pool_resume_to_identical_results(tmp_pat
     cmd = [sys.executable, "-m", "dni", *map(str, args), "--store", str(store), "--out", str(out)]
     kills = 0
     for _ in range(4):
+        before = _store_bytes(store)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rng.uniform(0.3, 0.7) * duration)
+        deadline = time.perf_counter() + 5 * duration
+        while proc.poll() is None and _store_bytes(store) <= before and time.perf_counter() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.15) * duration)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
