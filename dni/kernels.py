@@ -27,6 +27,13 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).parent / "csrc" / "philox_normal.c"
+try:
+    # Read once, when this module is imported: the library is always built from the source
+    # that matches these ctypes signatures, even if the file changes under a running sweep
+    # (an upgrade mid-run must not let old Python call a newly built C ABI).
+    _SOURCE: bytes | None = _SRC.read_bytes()
+except OSError:
+    _SOURCE = None
 # No -ffast-math: linked into a shared library it pulls in crtfastmath.o, which switches
 # the whole process (torch and numpy too) to flush subnormals to zero when it is loaded.
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared"]
@@ -49,11 +56,13 @@ def _build_dir() -> Path:
     from dni.data import cache_dir
 
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256(_SRC.read_bytes() + " ".join([cc, *_FLAGS, platform.machine(), _cpu_id()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256((_SOURCE or b"") + " ".join([cc, *_FLAGS, platform.machine(), _cpu_id()]).encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / key
 
 
 def _compile() -> ctypes.CDLL:
+    if _SOURCE is None:
+        raise OSError(f"cannot read {_SRC}")
     out_dir = _build_dir()
     lib_path = out_dir / "libdni_kernels.so"
     if not lib_path.is_file():
@@ -63,14 +72,18 @@ def _compile() -> ctypes.CDLL:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
         os.close(fd)
+        fd, src = tempfile.mkstemp(dir=out_dir, suffix=".c")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(_SOURCE)
         try:
-            res = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC)], capture_output=True, text=True, timeout=120)
+            res = subprocess.run([cc, *_FLAGS, "-o", tmp, src], capture_output=True, text=True, timeout=120)
             if res.returncode != 0:
                 raise OSError(f"compiling {_SRC.name} failed: {res.stderr.strip()[:500]}")
             os.replace(tmp, lib_path)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for path in (tmp, src):
+                if os.path.exists(path):
+                    os.unlink(path)
     lib = ctypes.CDLL(str(lib_path))
     f32p, i64, u64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float
     lib.dni_normal.argtypes = [f32p, i64, u64, u64, f32, ctypes.c_int]

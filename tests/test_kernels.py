@@ -176,6 +176,28 @@ def test_fallback_without_a_compiler_gives_the_same_results(tmp_path):
     np.testing.assert_allclose(np.array(outs[0][1:], float), np.array(outs[1][1:], float), rtol=1e-4, atol=1e-4)
 
 
+def test_the_library_is_built_from_the_source_read_at_import(tmp_path):
+    """A sweep that runs while dni is upgraded must not build the new C file and call it
+    with the old ctypes signatures: the source is read when dni.kernels is imported."""
+    import os
+    import shutil
+
+    from dni import kernels
+
+    pkg = tmp_path / "copy" / "dni"
+    shutil.copytree(kernels._SRC.parent.parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    code = (
+        f"import sys; sys.path.insert(0, {str(pkg.parent)!r}); import dni.kernels as k; "
+        "open(k._SRC, 'a').write('\\n#error changed after import\\n'); "
+        "lib = k.library(); print(lib is not None, k.build_error())"
+    )
+    env = {**os.environ, "DNI_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("DNI_NO_KERNELS", None)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[0] == "True", res.stdout
+
+
 def test_loading_the_kernels_keeps_subnormal_floats(lib):
     """The library must not switch the process to flush-to-zero (as -ffast-math would)."""
     tiny = np.float32(1e-40)  # subnormal in float32
