@@ -1,11 +1,16 @@
 """The compiled CPU kernels of dni (``dni/csrc/philox_normal.c``) and their fallbacks.
 
-The C file is compiled with the machine's C compiler on first use (``cc -O3
--march=native``) into ``<cache>/kernels/<hash>/``, keyed by the source, the compiler and
-the CPU, and loaded with ctypes. Where no compiler is available or the build fails,
-:func:`available` is False and dni uses the pure-torch implementation below, which draws
-the *same* Philox stream (same uniform bits); its normals agree with the compiled ones to
-float rounding. ``DNI_NO_KERNELS=1`` forces the fallback.
+The kernels: the Philox/Box-Muller noise stream, the fused noisy LSTM/RNN steps of
+inference (:func:`fused_recurrence`), and the forward and backward steps of the compiled
+training path (:func:`fused_recurrence_train`).
+
+The C file is read when this module is imported and compiled with the machine's C
+compiler on first use (``cc -O3 -march=native``) into ``<cache>/kernels/<hash>/``, keyed
+by the source, the flags, the compiler and the CPU, and loaded with ctypes. Where no
+compiler is available or the build fails, :func:`available` is False and dni uses the
+pure-torch implementation below, which draws the *same* Philox stream (same uniform
+bits; its normals agree with the compiled ones to float rounding), and autograd over the
+torch ops for training. ``DNI_NO_KERNELS=1`` forces the fallback.
 """
 
 from __future__ import annotations
