@@ -182,12 +182,10 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
     xp = xp.contiguous()
     w_t = w_h.contiguous().t()
 
-    block = CACHE_ROWS
-
     def run(r0: int, r1: int) -> None:
-        mm = xp.new_empty(min(block, r1 - r0), xp.shape[2])  # reused by every step
-        for b0 in range(r0, r1, block):  # cache-sized sub-blocks, each through every step
-            b1 = min(b0 + block, r1)
+        mm = xp.new_empty(min(CACHE_ROWS, r1 - r0), xp.shape[2])  # reused by every step
+        for b0 in range(r0, r1, CACHE_ROWS):  # cache-sized sub-blocks, each through every step
+            b1 = min(b0 + CACHE_ROWS, r1)
             hb, cb, mb = h[b0:b1], (c[b0:b1] if c is not None else None), mm[: b1 - b0]
             h_ptr, c_ptr, m_ptr = hb.data_ptr(), (cb.data_ptr() if cb is not None else 0), mb.data_ptr()
             for t in range(steps):
@@ -213,6 +211,7 @@ def _in_row_blocks(run: Callable[[int, int], None], batch: int, threads: int | N
         run(0, batch)
         return
     bounds = [batch * k // parts for k in range(parts + 1)]
+
     def run_in_pool(r0: int, r1: int) -> None:
         # Grad mode and OpenMP's thread count are per thread: a pool thread starts with grad
         # on and with as many OpenMP threads as cores, so its GEMMs would start a team of

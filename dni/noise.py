@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from dni import seeding
 from dni.errors import SpecError
 
 
@@ -237,8 +238,6 @@ def make_generator(rng: str, seed: int, device: torch.device | str = "cpu") -> G
     if rng == "philox":
         return PhiloxGenerator(seed)
     if rng == "torch":
-        gen = torch.Generator(device=torch.device(device))
-        gen.manual_seed(seed)
-        return gen
+        return seeding.make_generator(seed, device)
     raise SpecError(f"unknown generator {rng!r}; choose one of {', '.join(RNGS)}")
 

@@ -244,6 +244,27 @@ static inline __attribute__((always_inline)) void lstm_row_gates(
     }
 }
 
+/* The rows of one noisy LSTM step: inlined into both entry points below, so that each is
+ * specialised for its own c_prev/act (act == NULL: inference). */
+static inline __attribute__((always_inline)) void lstm_forward(
+    const float *mm, const float *xp, const float *c_prev, float *c, float *h, float *act, int64_t B, int64_t H,
+    uint64_t key, uint64_t counter, float sigma) {
+    float zi[CHUNK], zf[CHUNK], zg[CHUNK], zo[CHUNK];
+    for (int64_t b = 0; b < B; b++) {
+        const float *m = mm + b * 4 * H, *x = xp ? xp + b * 4 * H : NULL;
+        const float *cp = c_prev + b * H;
+        float *cb = c + b * H, *hb = h + b * H, *ab = act ? act + b * 4 * H : NULL;
+        for (int64_t k0 = 0; k0 < H; k0 += CHUNK) {
+            const int64_t w = (H - k0) < CHUNK ? (H - k0) : CHUNK; /* units in this slice */
+            lstm_row_noise(zi, zf, zg, zo, b, H, k0, w, key, counter, sigma);
+            if (x)
+                lstm_row_gates(m, x, cp, cb, hb, ab, H, k0, w, zi, zf, zg, zo);
+            else
+                lstm_row_gates(m, NULL, cp, cb, hb, ab, H, k0, w, zi, zf, zg, zo);
+        }
+    }
+}
+
 /* One noisy LSTM step for a batch. mm: (B, 4H) recurrent products h_{t-1} W_h^T, xp: (B, 4H)
  * input projections W_x x_t + b or NULL, gate order (i, f, g, o), read only; c: (B, H)
  * cell state, updated; h: (B, H) output state, written. Row b draws its 4H noise samples
@@ -251,19 +272,7 @@ static inline __attribute__((always_inline)) void lstm_row_gates(
  * the whole (B, 4H) tensor. sigma == 0: no noise. */
 void dni_lstm_step(const float *mm, const float *xp, float *c, float *h, int64_t B, int64_t H, uint64_t key,
                    uint64_t counter, float sigma) {
-    float zi[CHUNK], zf[CHUNK], zg[CHUNK], zo[CHUNK];
-    for (int64_t b = 0; b < B; b++) {
-        const float *m = mm + b * 4 * H, *x = xp ? xp + b * 4 * H : NULL;
-        float *cb = c + b * H, *hb = h + b * H;
-        for (int64_t k0 = 0; k0 < H; k0 += CHUNK) {
-            const int64_t w = (H - k0) < CHUNK ? (H - k0) : CHUNK; /* units in this slice */
-            lstm_row_noise(zi, zf, zg, zo, b, H, k0, w, key, counter, sigma);
-            if (x)
-                lstm_row_gates(m, x, cb, cb, hb, NULL, H, k0, w, zi, zf, zg, zo);
-            else
-                lstm_row_gates(m, NULL, cb, cb, hb, NULL, H, k0, w, zi, zf, zg, zo);
-        }
-    }
+    lstm_forward(mm, xp, c, c, h, NULL, B, H, key, counter, sigma);
 }
 
 /* One noisy vanilla-RNN step: h = tanh((mm + xp) + z), mm and xp (B, H), xp may be NULL.
@@ -296,18 +305,7 @@ void dni_rnn_step(const float *mm, const float *xp, float *h, int64_t B, int64_t
  * backward step needs. */
 void dni_lstm_train_fwd(const float *mm, const float *xp, const float *c_prev, float *c, float *h, float *act,
                         int64_t B, int64_t H, uint64_t key, uint64_t counter, float sigma) {
-    float zi[CHUNK], zf[CHUNK], zg[CHUNK], zo[CHUNK];
-    for (int64_t b = 0; b < B; b++) {
-        const float *m = mm + b * 4 * H, *x = xp ? xp + b * 4 * H : NULL;
-        for (int64_t k0 = 0; k0 < H; k0 += CHUNK) {
-            const int64_t w = (H - k0) < CHUNK ? (H - k0) : CHUNK;
-            lstm_row_noise(zi, zf, zg, zo, b, H, k0, w, key, counter, sigma);
-            if (x)
-                lstm_row_gates(m, x, c_prev + b * H, c + b * H, h + b * H, act + b * 4 * H, H, k0, w, zi, zf, zg, zo);
-            else
-                lstm_row_gates(m, NULL, c_prev + b * H, c + b * H, h + b * H, act + b * 4 * H, H, k0, w, zi, zf, zg, zo);
-        }
-    }
+    lstm_forward(mm, xp, c_prev, c, h, act, B, H, key, counter, sigma);
 }
 
 /* Backward of one LSTM step. act: (B, 4H) activated gates, c_prev and c: (B, H) cell states
