@@ -149,7 +149,7 @@ MIN_ROWS_PER_THREAD = 64
 
 
 @contextlib.contextmanager
-def _torch_single_threaded():
+def torch_single_threaded():
     """Torch's intra-op threads set to 1 (restored on exit): dni's own threads do the work."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -221,7 +221,7 @@ def _in_row_blocks(run: Callable[[int, int], None], batch: int, threads: int | N
         with torch.no_grad():
             run(r0, r1)
 
-    with _torch_single_threaded():
+    with torch_single_threaded():
         pool = _threads_pool(parts - 1)
         futures = [pool.submit(run_in_pool, bounds[k], bounds[k + 1]) for k in range(1, parts)]
         run(bounds[0], bounds[1])

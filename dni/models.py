@@ -171,20 +171,27 @@ class NoisyRecurrent(nn.Module):
             return self._recur_sites(xp, noise, generator, observer, chosen)
         w_h = self.weight[:, self.input_size :]
         batch = xp.shape[1]
-        h = xp.new_zeros(batch, self.hidden_size)
-        c = xp.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
         fused = None if observer is not None else _fused_kernel(self, noise, generator, xp)
         if fused is not None:
-            from dni.kernels import fused_recurrence, fused_recurrence_train
+            from dni.kernels import fused_recurrence, fused_recurrence_train, torch_single_threaded
 
             lib, sigma = fused
             # The stream positions of every step's noise, in the order the generic path takes them.
             starts = [generator.take(batch * w_h.shape[0]) if sigma else 0 for _ in range(xp.shape[0])]
             if torch.is_grad_enabled() and (xp.requires_grad or w_h.requires_grad):
                 h = fused_recurrence_train(lib, self.arch, xp, w_h, generator.key, starts, sigma)
-            else:
-                fused_recurrence(lib, self.arch, xp, w_h, h, c, generator.key, starts, sigma)
-            return noise(self.fc(h), generator)
+                return noise(self.fc(h), generator)
+            threads = torch.get_num_threads()
+            # The whole pass runs with torch single-threaded and dni's own threads doing the
+            # recurrence: any multi-threaded torch op here (even zero-filling h) would wake
+            # torch's OpenMP team, which then spins on the core that dni's other thread uses.
+            with torch_single_threaded():
+                h = xp.new_zeros(batch, self.hidden_size)
+                c = xp.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
+                fused_recurrence(lib, self.arch, xp, w_h, h, c, generator.key, starts, sigma, threads=threads)
+                return noise(self.fc(h), generator)
+        h = xp.new_zeros(batch, self.hidden_size)
+        c = xp.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
         for t, xp_t in enumerate(xp.unbind(0)):
             # Eq. (2): g(W·[x_t, h_{t-1}] + b + z), one draw per pre-activation element.
             pre = noise(torch.addmm(xp_t, h, w_h.t()), generator)

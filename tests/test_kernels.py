@@ -112,6 +112,26 @@ def test_same_samples_in_worker_processes(lib):
     assert abs(_corr(np.array(a), np.array(b))) < 0.2 and a != b
 
 
+@pytest.mark.parametrize("hidden", [6, 128, 256, 300, 520])
+def test_lstm_step_adds_exactly_the_stream_of_its_rows(lib, hidden):
+    """Row b of a step adds samples b·4H .. (b + 1)·4H - 1 of the stream (drawn in pieces
+    when 4H exceeds the kernel's chunk): the noisy step equals the noise-free step on
+    pre-activations to which dni_normal's samples were added, bit for bit."""
+    gen = torch.Generator().manual_seed(hidden)
+    batch, counter = 37, 2**32 - 5 * hidden  # the low counter word wraps inside the step
+    pre = (torch.rand(batch, 4 * hidden, generator=gen) - 0.5) * 8
+    xp = (torch.rand(batch, 4 * hidden, generator=gen) - 0.5) * 8
+    c0 = torch.rand(batch, hidden, generator=gen) - 0.5
+    z = torch.empty(batch * 4 * hidden)
+    lib.dni_normal(z.data_ptr(), z.numel(), 21, counter, 0.7, 0)
+    noisy_in = (pre + xp) + z.view(batch, 4 * hidden)
+    c, h = c0.clone(), torch.empty(batch, hidden)
+    lib.dni_lstm_step(pre.data_ptr(), xp.data_ptr(), c.data_ptr(), h.data_ptr(), batch, hidden, 21, counter, 0.7)
+    c_ref, h_ref = c0.clone(), torch.empty(batch, hidden)
+    lib.dni_lstm_step(noisy_in.data_ptr(), None, c_ref.data_ptr(), h_ref.data_ptr(), batch, hidden, 21, 0, 0.0)
+    assert torch.equal(c, c_ref) and torch.equal(h, h_ref)
+
+
 @pytest.mark.parametrize("arch,inputs", [("lstm", 28), ("lstm", 2), ("rnn", 28)])
 def test_fused_step_equals_the_generic_path(lib, arch, inputs, monkeypatch):
     torch.manual_seed(0)

@@ -28,6 +28,7 @@
 #define PHILOX_W0 0x9E3779B9u
 #define PHILOX_W1 0xBB67AE85u
 #define CHUNK 256
+#define PREFETCH_ROWS 16 /* rows ahead at which the fused LSTM step prefetches xp */
 
 #define PHILOX_ROUND                                            \
     {                                                           \
@@ -203,40 +204,21 @@ void dni_normal(float *out, int64_t n, uint64_t key, uint64_t counter, float sca
     }
 }
 
-/* The noise of one LSTM row: zi..zo[k] = sigma * (noise of gate q, unit k0 + k), outputs
- * q*H + k0 + k of row b of a (B, 4H) draw at block `counter` (zeros when sigma == 0). */
-static inline void lstm_row_noise(float *zi, float *zf, float *zg, float *zo, int64_t b, int64_t H, int64_t k0,
-                                  int64_t w, uint64_t key, uint64_t counter, float sigma) {
-    float z[4 * CHUNK];
-    if (sigma == 0.0f) {
-        memset(zi, 0, CHUNK * sizeof(float)); memset(zf, 0, CHUNK * sizeof(float));
-        memset(zg, 0, CHUNK * sizeof(float)); memset(zo, 0, CHUNK * sizeof(float));
-        return;
-    }
-    for (int q = 0; q < 4; q++) {
-        float *dst = q == 0 ? zi : q == 1 ? zf : q == 2 ? zg : zo;
-        const int64_t first = q * H + k0; /* multiple of 4 when H is */
-        normal_blocks(z, (int)((w + 3) / 4), key, counter + (uint64_t)((b * 4 * H + first) / 4), sigma);
-        memcpy(dst, z, (size_t)w * sizeof(float));
-    }
-}
-
-/* Gates of w units of one LSTM row: pre-activation (mm + xp) + z, as the generic path
- * computes addmm(xp, h, W_h^T) + z (mm + xp rounds like addmm: a test checks it). xp may be
- * NULL (pre-activations given whole in mm). c_prev and c may alias; act (the activated
- * gates, for the backward) may be NULL. */
+/* Gates of one LSTM row: pre-activation (mm + xp) + z, as the generic path computes
+ * addmm(xp, h, W_h^T) + z (mm + xp rounds like addmm: a test checks it). xp may be NULL
+ * (pre-activations given whole in mm). c_prev and c may alias; act (the activated gates,
+ * for the backward) may be NULL. */
 static inline __attribute__((always_inline)) void lstm_row_gates(
-    const float *mm, const float *xp, const float *c_prev, float *c, float *h, float *act, int64_t H, int64_t k0,
-    int64_t w, const float *zi, const float *zf, const float *zg, const float *zo) {
+    const float *mm, const float *xp, const float *c_prev, float *c, float *h, float *act, int64_t H,
+    const float *zi, const float *zf, const float *zg, const float *zo) {
 #pragma omp simd
-    for (int64_t k = 0; k < w; k++) {
-        const int64_t u = k0 + k;
+    for (int64_t u = 0; u < H; u++) {
         float pi = mm[u], pf = mm[H + u], pg = mm[2 * H + u], po = mm[3 * H + u];
         if (xp) { pi += xp[u]; pf += xp[H + u]; pg += xp[2 * H + u]; po += xp[3 * H + u]; }
-        float gi = sigmoid_f(pi + zi[k]);
-        float gf = sigmoid_f(pf + zf[k]);
-        float gg = tanh_f(pg + zg[k]);
-        float go = sigmoid_f(po + zo[k]);
+        float gi = sigmoid_f(pi + zi[u]);
+        float gf = sigmoid_f(pf + zf[u]);
+        float gg = tanh_f(pg + zg[u]);
+        float go = sigmoid_f(po + zo[u]);
         float cn = gf * c_prev[u] + gi * gg;
         c[u] = cn;
         h[u] = go * tanh_f(cn);
@@ -245,23 +227,28 @@ static inline __attribute__((always_inline)) void lstm_row_gates(
 }
 
 /* The rows of one noisy LSTM step: inlined into both entry points below, so that each is
- * specialised for its own c_prev/act (act == NULL: inference). */
+ * specialised for its own c_prev/act (act == NULL: inference). Row b's 4H samples are
+ * blocks counter + b H .. counter + (b + 1) H - 1 of the stream, drawn in one go. */
 static inline __attribute__((always_inline)) void lstm_forward(
     const float *mm, const float *xp, const float *c_prev, float *c, float *h, float *act, int64_t B, int64_t H,
     uint64_t key, uint64_t counter, float sigma) {
-    float zi[CHUNK], zf[CHUNK], zg[CHUNK], zo[CHUNK];
+    float z[4 * H]; /* the row's noise, gate q at z + q H */
+    if (sigma == 0.0f) memset(z, 0, sizeof z);
     for (int64_t b = 0; b < B; b++) {
         const float *m = mm + b * 4 * H, *x = xp ? xp + b * 4 * H : NULL;
         const float *cp = c_prev + b * H;
         float *cb = c + b * H, *hb = h + b * H, *ab = act ? act + b * 4 * H : NULL;
-        for (int64_t k0 = 0; k0 < H; k0 += CHUNK) {
-            const int64_t w = (H - k0) < CHUNK ? (H - k0) : CHUNK; /* units in this slice */
-            lstm_row_noise(zi, zf, zg, zo, b, H, k0, w, key, counter, sigma);
-            if (x)
-                lstm_row_gates(m, x, cp, cb, hb, ab, H, k0, w, zi, zf, zg, zo);
-            else
-                lstm_row_gates(m, NULL, cp, cb, hb, ab, H, k0, w, zi, zf, zg, zo);
+        if (x && b + PREFETCH_ROWS < B) { /* the input projections stream from memory: fetch ahead into L2 */
+            const char *ahead = (const char *)(x + PREFETCH_ROWS * 4 * H);
+            for (int64_t off = 0; off < 4 * H * (int64_t)sizeof(float); off += 64) __builtin_prefetch(ahead + off, 0, 2);
         }
+        if (sigma != 0.0f)
+            for (int64_t j = 0; j < H; j += CHUNK)
+                normal_blocks(z + 4 * j, (int)((H - j) < CHUNK ? (H - j) : CHUNK), key, counter + (uint64_t)(b * H + j), sigma);
+        if (x)
+            lstm_row_gates(m, x, cp, cb, hb, ab, H, z, z + H, z + 2 * H, z + 3 * H);
+        else
+            lstm_row_gates(m, NULL, cp, cb, hb, ab, H, z, z + H, z + 2 * H, z + 3 * H);
     }
 }
 
