@@ -41,7 +41,11 @@ except OSError:
     _SOURCE = None
 # No -ffast-math: linked into a shared library it pulls in crtfastmath.o, which switches
 # the whole process (torch and numpy too) to flush subnormals to zero when it is loaded.
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared"]
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+# -fopenmp: row blocks run on OpenMP's thread team, which is torch's own (libgomp is found
+# by its soname, already loaded by torch). Where the compiler has no OpenMP, -fopenmp-simd
+# keeps the vector loops and Python threads run the blocks.
+_OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -57,18 +61,28 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def _build_dir() -> Path:
+def _build_dir(flags: list[str]) -> Path:
     from dni.data import cache_dir
 
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256((_SOURCE or b"") + " ".join([cc, *_FLAGS, platform.machine(), _cpu_id()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256((_SOURCE or b"") + " ".join([cc, *flags, platform.machine(), _cpu_id()]).encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / key
 
 
 def _compile() -> ctypes.CDLL:
+    errors = []
+    for extra in _OPENMP_FLAGS:
+        try:
+            return _compile_with([*_FLAGS, *extra])
+        except OSError as exc:
+            errors.append(str(exc))
+    raise OSError("; ".join(errors))
+
+
+def _compile_with(flags: list[str]) -> ctypes.CDLL:
     if _SOURCE is None:
         raise OSError(f"cannot read {_SRC}")
-    out_dir = _build_dir()
+    out_dir = _build_dir(flags)
     lib_path = out_dir / "libdni_kernels.so"
     if not lib_path.is_file():
         cc = os.environ.get("CC", "cc")
@@ -81,7 +95,7 @@ def _compile() -> ctypes.CDLL:
         with os.fdopen(fd, "wb") as fh:
             fh.write(_SOURCE)
         try:
-            res = subprocess.run([cc, *_FLAGS, "-o", tmp, src], capture_output=True, text=True, timeout=120)
+            res = subprocess.run([cc, *flags, "-o", tmp, src], capture_output=True, text=True, timeout=120)
             if res.returncode != 0:
                 raise OSError(f"compiling {_SRC.name} failed: {res.stderr.strip()[:500]}")
             os.replace(tmp, lib_path)
@@ -97,9 +111,48 @@ def _compile() -> ctypes.CDLL:
     lib.dni_philox4x32_10.argtypes = [ctypes.c_void_p] * 3
     lib.dni_lstm_train_fwd.argtypes = [f32p] * 6 + [i64, i64, u64, u64, f32]
     lib.dni_lstm_train_bwd.argtypes = [f32p] * 6 + [i64, i64]
-    for fn in (lib.dni_normal, lib.dni_lstm_step, lib.dni_rnn_step, lib.dni_philox4x32_10, lib.dni_lstm_train_fwd, lib.dni_lstm_train_bwd):
+    i32, u64p = ctypes.c_int, ctypes.c_void_p
+    lib.dni_set_sgemm.argtypes = [ctypes.c_void_p]
+    lib.dni_recurrence.argtypes = [i32] + [f32p] * 4 + [i64] * 3 + [u64, u64p, f32, i64, i32, i32, i32]
+    lib.dni_train_forward.argtypes = [i32] + [f32p] * 5 + [i64] * 3 + [u64, u64p, f32, i32, i32, i32]
+    lib.dni_train_backward.argtypes = [i32] + [f32p] * 7 + [i64] * 3 + [i32, i32, i32]
+    lib.dni_blas_mm.argtypes = [i32] + [f32p] * 3 + [i64] * 3
+    for fn in (lib.dni_normal, lib.dni_lstm_step, lib.dni_rnn_step, lib.dni_philox4x32_10, lib.dni_lstm_train_fwd,
+               lib.dni_lstm_train_bwd, lib.dni_set_sgemm, lib.dni_train_backward, lib.dni_blas_mm):
         fn.restype = None
+    for fn in (lib.dni_recurrence, lib.dni_train_forward, lib.dni_openmp):
+        fn.restype = ctypes.c_int
+    lib.blas = _attach_blas(lib)
+    lib.openmp = bool(lib.dni_openmp())
     return lib
+
+
+def _attach_blas(lib: ctypes.CDLL) -> bool:
+    """Hand the kernels the BLAS sgemm that torch.mm uses, so that whole recurrences run in C.
+
+    It is the Fortran ``sgemm_`` exported by torch's own library (MKL in the x86 wheels).
+    It is used only if, called as the kernels call it, it gives torch.mm's bits on both
+    GEMM shapes of the loops; otherwise (another BLAS, another build) the recurrences step
+    from Python with torch.mm, as before.
+    """
+    try:
+        torch_lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        address = ctypes.cast(torch_lib.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return False
+    lib.dni_set_sgemm(address)
+    gen = torch.Generator().manual_seed(0)
+    with torch_single_threaded():
+        for m, n, k in ((37, 96, 24), (256, 512, 128), (64, 128, 512), (3, 16, 64)):
+            a, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+            out_t, out = torch.empty(m, n), torch.empty(m, k)
+            lib.dni_blas_mm(1, a.data_ptr(), w.data_ptr(), out_t.data_ptr(), m, n, k)
+            b = torch.randn(m, n, generator=gen)
+            lib.dni_blas_mm(0, b.data_ptr(), w.data_ptr(), out.data_ptr(), m, k, n)
+            if not (torch.equal(out_t, torch.mm(a, w.t())) and torch.equal(out, torch.mm(b, w))):
+                lib.dni_set_sgemm(None)
+                return False
+    return True
 
 
 def library() -> ctypes.CDLL | None:
@@ -180,7 +233,15 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
     hidden = h.shape[1]
     per_row = hidden if arch == "lstm" else hidden // 4  # stream blocks per row and step (4 normals each)
     xp = xp.contiguous()
-    w_t = w_h.contiguous().t()
+    w_h = w_h.contiguous()
+    w_t = w_h.t()
+    if lib.blas:  # every step of each row block in one call
+        starts_c = (ctypes.c_uint64 * steps)(*starts)
+        c_ptr = c.data_ptr() if c is not None else 0
+        _c_row_blocks(lib, lambda k0, k1, parts: lib.dni_recurrence(
+            int(arch == "lstm"), xp.data_ptr(), w_h.data_ptr(), h.data_ptr(), c_ptr, steps, batch, hidden, key, starts_c,
+            sigma, CACHE_ROWS, k0, k1, parts), batch, threads)
+        return
 
     def run(r0: int, r1: int) -> None:
         mm = xp.new_empty(min(CACHE_ROWS, r1 - r0), xp.shape[2])  # reused by every step
@@ -200,6 +261,28 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
                     lib.dni_rnn_step(m_ptr, x, h_ptr, b1 - b0, hidden, key, start, sigma)
 
     _in_row_blocks(run, batch, threads)
+
+
+def _row_parts(batch: int, threads: int | None) -> int:
+    threads = torch.get_num_threads() if threads is None else threads
+    return max(1, min(threads, batch // MIN_ROWS_PER_THREAD))
+
+
+def _c_row_blocks(lib: ctypes.CDLL, call: Callable[[int, int, int], int | None], batch: int, threads: int | None) -> None:
+    """Run a compiled loop over the row blocks 0..parts-1 of the batch, ``call(k0, k1, parts)``
+    running blocks k0..k1-1: in one call on OpenMP's thread team (torch's), or without
+    OpenMP one block per Python thread (ctypes releases the GIL). The BLAS is
+    single-threaded meanwhile, so its bits do not depend on the split."""
+    parts = _row_parts(batch, threads)
+    with torch_single_threaded():
+        if lib.openmp or parts == 1:
+            codes = [call(0, parts, parts)]
+        else:
+            pool = _threads_pool(parts - 1)
+            futures = [pool.submit(call, k, k + 1, parts) for k in range(1, parts)]
+            codes = [call(0, 1, parts), *(f.result() for f in futures)]
+    if any(code for code in codes):
+        raise MemoryError("the compiled recurrence could not allocate its scratch memory")
 
 
 def _in_row_blocks(run: Callable[[int, int], None], batch: int, threads: int | None = None) -> None:
@@ -229,6 +312,12 @@ def _in_row_blocks(run: Callable[[int, int], None], batch: int, threads: int | N
             f.result()
 
 
+def _finish_forward(ctx, lib, lstm, w_h, hs, cs, acts) -> torch.Tensor:
+    ctx.lib, ctx.lstm, ctx.threads = lib, lstm, torch.get_num_threads()
+    ctx.save_for_backward(w_h, hs, cs, acts)
+    return hs[-1].clone()
+
+
 class _NoisyRecurrenceTrain(torch.autograd.Function):
     """The noisy recurrence with a hand-written backward, for training on CPU.
 
@@ -252,6 +341,12 @@ class _NoisyRecurrenceTrain(torch.autograd.Function):
         hs = xp.new_zeros(steps + 1, batch, hidden)
         cs = xp.new_zeros(steps + 1, batch, hidden) if lstm else xp.new_empty(0)
         acts = xp.new_empty(steps, batch, rows) if lstm else xp.new_empty(0)
+        if lib.blas:  # the rows split over threads, each block through every step in one call
+            starts_c = (ctypes.c_uint64 * steps)(*starts)
+            _c_row_blocks(lib, lambda k0, k1, parts: lib.dni_train_forward(
+                int(lstm), xp.data_ptr(), w_h.data_ptr(), hs.data_ptr(), cs.data_ptr(), acts.data_ptr(), steps, batch,
+                hidden, key, starts_c, sigma, k0, k1, parts), batch, None)
+            return _finish_forward(ctx, lib, lstm, w_h, hs, cs, acts)
         mm = xp.new_empty(batch, rows)  # reused by every step; the kernels add xp[t]
         for t in range(steps):
             torch.mm(hs[t], w_t, out=mm)
@@ -260,9 +355,7 @@ class _NoisyRecurrenceTrain(torch.autograd.Function):
                                        hs[t + 1].data_ptr(), acts[t].data_ptr(), batch, hidden, key, starts[t], sigma)
             else:
                 lib.dni_rnn_step(mm.data_ptr(), xp[t].data_ptr(), hs[t + 1].data_ptr(), batch, hidden, key, starts[t], sigma)
-        ctx.lib, ctx.lstm = lib, lstm
-        ctx.save_for_backward(w_h, hs, cs, acts)
-        return hs[steps].clone()
+        return _finish_forward(ctx, lib, lstm, w_h, hs, cs, acts)
 
     @staticmethod
     def backward(ctx, grad_h):
@@ -272,6 +365,12 @@ class _NoisyRecurrenceTrain(torch.autograd.Function):
         dpre = hs.new_empty(steps, batch, rows)
         dh = grad_h.contiguous().clone()
         dc = torch.zeros_like(dh)
+        if ctx.lib.blas:
+            _c_row_blocks(ctx.lib, lambda k0, k1, parts: ctx.lib.dni_train_backward(
+                int(ctx.lstm), w_h.data_ptr(), hs.data_ptr(), cs.data_ptr(), acts.data_ptr(), dh.data_ptr(), dc.data_ptr(),
+                dpre.data_ptr(), steps, batch, hidden, k0, k1, parts), batch, ctx.threads)
+            grad_w = dpre.view(steps * batch, rows).t() @ hs[:-1].reshape(steps * batch, hidden)
+            return dpre, grad_w, None, None, None, None, None
         for t in range(steps - 1, -1, -1):
             if ctx.lstm:
                 ctx.lib.dni_lstm_train_bwd(acts[t].data_ptr(), cs[t].data_ptr(), cs[t + 1].data_ptr(), dh.data_ptr(),

@@ -18,6 +18,7 @@
  * (pre-activation + noise, then the gates), to within float rounding.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -316,4 +317,150 @@ void dni_lstm_train_bwd(const float *act, const float *c_prev, const float *c, c
             dcb[k] = dct * gf;
         }
     }
+}
+
+/* ------------------------------------------------------- whole recurrences (BLAS GEMM) */
+
+/* The Fortran-BLAS sgemm that torch itself calls for torch.mm on this CPU (MKL's, found in
+ * torch's library by dni/kernels.py and handed over once). Called with the arguments
+ * torch.mm passes, it gives the same bits; the loops below then run all steps of a row
+ * block without returning to Python between steps. */
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+static sgemm_fn blas_sgemm = NULL;
+
+void dni_set_sgemm(void *fn) { blas_sgemm = (sgemm_fn)fn; }
+
+/* out (M, N) = a (M, K) @ w^T, w (N, K) row-major: torch.mm(a, w.t()). */
+static void mm_wt(const float *a, const float *w, float *out, int64_t M, int64_t N, int64_t K) {
+    const int m = (int)M, n = (int)N, k = (int)K;
+    const float one = 1.0f, zero = 0.0f;
+    blas_sgemm("T", "N", &n, &m, &k, &one, w, &k, a, &k, &zero, out, &n);
+}
+
+/* out (M, N) = a (M, K) @ w, w (K, N) row-major: torch.mm(a, w). */
+static void mm_w(const float *a, const float *w, float *out, int64_t M, int64_t N, int64_t K) {
+    const int m = (int)M, n = (int)N, k = (int)K;
+    const float one = 1.0f, zero = 0.0f;
+    blas_sgemm("N", "N", &n, &m, &k, &one, w, &n, a, &k, &zero, out, &n);
+}
+
+/* Row block k of `parts` equal contiguous blocks of the batch. */
+#define BLOCK_START(k) (batch * (k) / parts)
+
+/* Rows r0..r1 of a noisy inference pass through all steps, in sub-blocks of `cache_rows`
+ * rows (their GEMM output, h and c stay in cache): per step mm = h W_h^T, then the fused
+ * step. */
+static void recurrence_rows(int lstm, const float *xp, const float *w_h, float *h, float *c, float *mm,
+                            int64_t steps, int64_t batch, int64_t r0, int64_t r1, int64_t H, uint64_t key,
+                            const uint64_t *starts, float sigma, int64_t cache_rows) {
+    const int64_t R = lstm ? 4 * H : H, per_row = lstm ? H : H / 4; /* stream blocks per row and step */
+    for (int64_t b0 = r0; b0 < r1; b0 += cache_rows) {
+        const int64_t m = (r1 - b0) < cache_rows ? (r1 - b0) : cache_rows;
+        for (int64_t t = 0; t < steps; t++) {
+            mm_wt(h + b0 * H, w_h, mm, m, R, H);
+            const float *x = xp + (t * batch + b0) * R;
+            const uint64_t start = starts[t] + (uint64_t)(b0 * per_row);
+            if (lstm)
+                lstm_forward(mm, x, c + b0 * H, c + b0 * H, h + b0 * H, NULL, m, H, key, start, sigma);
+            else
+                dni_rnn_step(mm, x, h + b0 * H, m, H, key, start, sigma);
+        }
+    }
+}
+
+/* A whole noisy inference pass. xp: (steps, batch, R) with R = 4H (LSTM) or H (RNN);
+ * w_h: (R, H); h, c: (batch, H), updated (c unused for the RNN); starts[t]: the stream
+ * block of step t's (batch, R) noise. The batch is cut into `parts` row blocks, and this
+ * runs blocks k0..k1-1, each through every step, in parallel (OpenMP: the thread team that
+ * torch itself uses; without OpenMP, in turn, and the caller runs blocks on threads of its
+ * own). The BLAS must be single-threaded meanwhile. Each row draws its own stream
+ * positions, so the result does not depend on the blocks. Returns 0, or -1 if scratch
+ * memory ran out. */
+int dni_recurrence(int lstm, const float *xp, const float *w_h, float *h, float *c, int64_t steps, int64_t batch,
+                   int64_t H, uint64_t key, const uint64_t *starts, float sigma, int64_t cache_rows, int k0, int k1, int parts) {
+    const int64_t R = lstm ? 4 * H : H;
+    int failed = 0;
+#pragma omp parallel for num_threads(k1 - k0) schedule(static, 1) reduction(|: failed)
+    for (int k = k0; k < k1; k++) {
+        float *mm = malloc((size_t)(cache_rows * R) * sizeof(float));
+        if (!mm) { failed = 1; continue; }
+        recurrence_rows(lstm, xp, w_h, h, c, mm, steps, batch, BLOCK_START(k), BLOCK_START(k + 1), H, key, starts,
+                        sigma, cache_rows);
+        free(mm);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Forward of the compiled training path: hs, cs (steps + 1, batch, H) hold the states (row
+ * 0 zeros), acts (steps, batch, 4H) the activated LSTM gates; row blocks as in
+ * dni_recurrence. Returns 0, or -1 if scratch memory ran out. */
+int dni_train_forward(int lstm, const float *xp, const float *w_h, float *hs, float *cs, float *acts, int64_t steps,
+                      int64_t batch, int64_t H, uint64_t key, const uint64_t *starts, float sigma, int k0, int k1, int parts) {
+    const int64_t R = lstm ? 4 * H : H, per_row = lstm ? H : H / 4;
+    int failed = 0;
+#pragma omp parallel for num_threads(k1 - k0) schedule(static, 1) reduction(|: failed)
+    for (int k = k0; k < k1; k++) {
+        const int64_t r0 = BLOCK_START(k), m = BLOCK_START(k + 1) - r0;
+        float *mm = malloc((size_t)(m * R) * sizeof(float));
+        if (!mm) { failed = 1; continue; }
+        for (int64_t t = 0; t < steps; t++) {
+            float *h = hs + ((t + 1) * batch + r0) * H;
+            mm_wt(hs + (t * batch + r0) * H, w_h, mm, m, R, H);
+            const float *x = xp + (t * batch + r0) * R;
+            const uint64_t start = starts[t] + (uint64_t)(r0 * per_row);
+            if (lstm)
+                lstm_forward(mm, x, cs + (t * batch + r0) * H, cs + ((t + 1) * batch + r0) * H, h,
+                             acts + (t * batch + r0) * R, m, H, key, start, sigma);
+            else
+                dni_rnn_step(mm, x, h, m, H, key, start, sigma);
+        }
+        free(mm);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Backward of the compiled training path: from dh (batch, H), the gradient of h_T
+ * (overwritten), writes dpre (steps, batch, R), the gradients of the pre-activations; dc:
+ * (batch, H) scratch, zeros on entry (LSTM). Row blocks as in dni_recurrence. */
+void dni_train_backward(int lstm, const float *w_h, const float *hs, const float *cs, const float *acts, float *dh,
+                        float *dc, float *dpre, int64_t steps, int64_t batch, int64_t H, int k0, int k1, int parts) {
+    const int64_t R = lstm ? 4 * H : H;
+#pragma omp parallel for num_threads(k1 - k0) schedule(static, 1)
+    for (int k = k0; k < k1; k++) {
+        const int64_t r0 = BLOCK_START(k), m = BLOCK_START(k + 1) - r0;
+        float *dhb = dh + r0 * H;
+        for (int64_t t = steps - 1; t >= 0; t--) {
+            float *d = dpre + (t * batch + r0) * R;
+            if (lstm) {
+                dni_lstm_train_bwd(acts + (t * batch + r0) * R, cs + (t * batch + r0) * H,
+                                   cs + ((t + 1) * batch + r0) * H, dhb, dc + r0 * H, d, m, H);
+            } else {
+                const float *h = hs + ((t + 1) * batch + r0) * H;
+                for (int64_t i = 0; i < m * H; i++) {
+                    const float hh = h[i] * h[i];
+                    d[i] = dhb[i] * (1.0f - hh);
+                }
+            }
+            if (t) mm_w(d, w_h, dhb, m, H, R);
+        }
+    }
+}
+
+/* 1 where this library was built with OpenMP (row blocks in parallel), else 0 (in turn). */
+int dni_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* out = a @ w^T (w_transposed != 0, w (N, K)) or a @ w (w (K, N)): for the check that the
+ * BLAS handed over gives torch.mm's bits. */
+void dni_blas_mm(int w_transposed, const float *a, const float *w, float *out, int64_t M, int64_t N, int64_t K) {
+    if (w_transposed)
+        mm_wt(a, w, out, M, N, K);
+    else
+        mm_w(a, w, out, M, N, K);
 }
