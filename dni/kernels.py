@@ -2,7 +2,11 @@
 
 The kernels: the Philox/Box-Muller noise stream, the fused noisy LSTM/RNN steps of
 inference (:func:`fused_recurrence`), and the forward and backward steps of the compiled
-training path (:func:`fused_recurrence_train`).
+training path (:func:`fused_recurrence_train`). Where torch's own library exports the BLAS
+``sgemm_`` that torch.mm calls (MKL in the x86 wheels; checked bit for bit at load), whole
+recurrences run in C, the row blocks of the batch in parallel on OpenMP's thread team,
+which is torch's (the library links the libgomp that torch has loaded). Otherwise the
+steps are driven from Python with torch.mm, with the same results.
 
 The C file is read when this module is imported and compiled with the machine's C
 compiler on first use (``cc -O3 -march=native``) into ``<cache>/kernels/<hash>/``, keyed
@@ -224,10 +228,11 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
     The batch is cut into contiguous row blocks, one per thread, and each thread runs every
     step of its block: the recurrent GEMM of its rows (single-threaded BLAS) and the fused
     noise + gate kernel, in sub-blocks of :data:`CACHE_ROWS` rows whose GEMM output, h and
-    c stay in cache. ctypes and torch release the GIL, so the blocks run in parallel
-    without the hand-offs of a per-step split. Each row draws its noise from its own
-    position of the stream, so the noise is the same for any split (a test pins the logits
-    for 1 and 2 threads).
+    c stay in cache. With the BLAS attached a block is one C call (see
+    :func:`_c_row_blocks`); otherwise a Python loop per block (ctypes and torch release the
+    GIL). Each row draws its noise from its own position of the stream, so the noise is
+    the same for any split (a test pins the logits for 1 and 2 threads and each way of
+    running the blocks).
     """
     steps, batch, _ = xp.shape
     hidden = h.shape[1]
@@ -325,9 +330,11 @@ class _NoisyRecurrenceTrain(torch.autograd.Function):
     gates, saving the activated gates. Backward: per step one compiled kernel for the gate
     derivatives and one GEMM for the gradient of h_{t-1}; the gradient of W_h is one GEMM
     over all steps at the end. Against autograd over the per-step torch ops this saves ~40
-    small operator calls per step and every tanh/sigmoid backward. Torch's threads run the
-    GEMMs; at training batch sizes (128) a row-block split as in :func:`fused_recurrence`
-    measured slower, so the kernels run on the calling thread.
+    small operator calls per step and every tanh/sigmoid backward. With the BLAS attached,
+    forward and backward split the batch into row blocks as :func:`fused_recurrence` does,
+    each block through every step in C (from Python, the per-step calls and their thread
+    hand-offs cost more than the split gained); otherwise torch's threads run the GEMMs
+    and the kernels run on the calling thread.
     """
 
     @staticmethod

@@ -95,3 +95,30 @@ def lib():
     if lib is None:
         pytest.fail(f"the C kernels did not build: {kernels.build_error()}")
     return lib
+
+
+@pytest.fixture(params=["openmp", "threads", "python"])
+def loop_mode(request, lib, monkeypatch):
+    """The three ways the compiled recurrences run: whole row blocks in C on OpenMP's thread
+    team; whole row blocks in C, one per Python thread (a build without OpenMP); per-step
+    Python loops with torch.mm (no usable BLAS in torch's library)."""
+    if request.param == "openmp" and not lib.openmp:
+        pytest.skip("the kernels were built without OpenMP")
+    if request.param != "python" and not lib.blas:
+        pytest.skip("torch's library has no usable sgemm")
+    if request.param == "threads":
+        monkeypatch.setattr(lib, "openmp", False)
+    if request.param == "python":
+        monkeypatch.setattr(lib, "blas", False)
+    return request.param
+
+
+@pytest.fixture
+def two_threads():
+    """Torch at two intra-op threads during the test (the recurrences then split the batch)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

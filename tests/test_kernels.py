@@ -146,7 +146,7 @@ def test_fused_step_equals_the_generic_path(lib, arch, inputs, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["lstm", "rnn"])
-def test_row_blocks_across_threads_draw_the_same_noise(lib, arch, monkeypatch):
+def test_row_blocks_across_threads_draw_the_same_noise(lib, loop_mode, arch, monkeypatch):
     """The fused recurrence splits the batch into one row block per thread: the noise must
     not depend on the split. With zero recurrent weights the GEMM adds exact zeros, so
     every split must give the same bits; with real weights it matches the generic path."""

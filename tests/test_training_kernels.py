@@ -26,11 +26,12 @@ def _loss_and_grads(model, xs, y, sigma, seed=123):
 @pytest.mark.parametrize("arch,inputs,steps", [("lstm", 28, 28), ("lstm", 2, 50), ("rnn", 28, 28)])
 @pytest.mark.parametrize("sigma", [0.0, 0.7])
 @pytest.mark.parametrize("forwards", [1, 2])
-def test_fused_training_matches_autograd_over_the_torch_ops(lib, arch, inputs, steps, sigma, forwards, monkeypatch):
+def test_fused_training_matches_autograd_over_the_torch_ops(lib, loop_mode, two_threads, arch, inputs, steps, sigma,
+                                                           forwards, monkeypatch):
     torch.manual_seed(0)
     model = build_model(arch, inputs)
-    xs = [torch.rand(96, steps, inputs) for _ in range(forwards)]
-    y = torch.randint(0, 10, (96,))
+    xs = [torch.rand(150, steps, inputs) for _ in range(forwards)]  # two row blocks of 75
+    y = torch.randint(0, 10, (150,))
     calls = []
     real = kernels.fused_recurrence_train
     monkeypatch.setattr(kernels, "fused_recurrence_train", lambda *a: calls.append(1) or real(*a))
@@ -104,7 +105,7 @@ def test_noise_and_step_bits_are_pinned(lib):
 
 @pytest.mark.skipif(not _has_avx512(), reason="pinned bits were recorded on an AVX-512 CPU (FMA contraction)")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_inference_logits_are_pinned(lib, threads):
+def test_fused_inference_logits_are_pinned(lib, loop_mode, threads):
     """Noisy logits of the compiled inference path, as the stored results were computed
     (these hashes come from the code that evaluated the paper run)."""
     before = torch.get_num_threads()
