@@ -46,6 +46,23 @@ def test_cells_do_not_depend_on_what_was_computed_before(store_with_model):
     pd.testing.assert_frame_equal(partial, full[full.sigma_val == 1.0].head(2).reset_index(drop=True))
 
 
+def test_the_noise_free_pass_runs_once_per_batch(store_with_model, monkeypatch):
+    """Every sigma_val = 0 cell is the same noise-free pass: it is computed once per test
+    batch and counted for each of them, with the counts of computing each cell alone."""
+    store, mid = store_with_model
+    model, test = store.load_model(mid).model, load_dataset("rows", "test")
+    ev = EvalSpec(batch_size=250)
+    cells = [(0.0, 0), (0.5, 0), (0.0, 1), (0.0, 2), (0.5, 1)]
+    alone = [run_cells(model, mid, test, [cell], ev, torch.device("cpu"))[0] for cell in cells]
+    passes = []
+    real = type(model).recur
+    monkeypatch.setattr(type(model), "recur", lambda self, *a, **k: passes.append(a[1].sigma) or real(self, *a, **k))
+    together = run_cells(model, mid, test, cells, ev, torch.device("cpu"))
+    assert together == alone
+    batches = -(-len(test) // 250)
+    assert sorted(passes) == [0.0] * batches + [0.5] * (2 * batches)
+
+
 def test_stored_cells_are_reused(store_with_model, monkeypatch):
     store, mid = store_with_model
     ev = EvalSpec(sigma_val=(0.2,), repeats=2, batch_size=64)
