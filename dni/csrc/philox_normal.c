@@ -16,6 +16,10 @@
  * calling libm, and without -ffast-math (which would change the process's
  * floating-point mode). The fused steps compute exactly what dni/models.py computes
  * (pre-activation + noise, then the gates), to within float rounding.
+ *
+ * The whole-recurrence loops at the end run every step of a row block of the batch (GEMM
+ * through the BLAS sgemm that dni/kernels.py hands over, then the fused step), the blocks
+ * in parallel on OpenMP threads where the library is built with -fopenmp.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -345,8 +349,8 @@ static void mm_w(const float *a, const float *w, float *out, int64_t M, int64_t 
     blas_sgemm("N", "N", &n, &m, &k, &one, w, &n, a, &k, &zero, out, &n);
 }
 
-/* Row block k of `parts` equal contiguous blocks of the batch. */
-#define BLOCK_START(k) (batch * (k) / parts)
+/* First row of block k of `parts` near-equal contiguous blocks of the batch. */
+static inline int64_t block_start(int64_t batch, int k, int parts) { return batch * k / parts; }
 
 /* Rows r0..r1 of a noisy inference pass through all steps, in sub-blocks of `cache_rows`
  * rows (their GEMM output, h and c stay in cache): per step mm = h W_h^T, then the fused
@@ -378,15 +382,16 @@ static void recurrence_rows(int lstm, const float *xp, const float *w_h, float *
  * positions, so the result does not depend on the blocks. Returns 0, or -1 if scratch
  * memory ran out. */
 int dni_recurrence(int lstm, const float *xp, const float *w_h, float *h, float *c, int64_t steps, int64_t batch,
-                   int64_t H, uint64_t key, const uint64_t *starts, float sigma, int64_t cache_rows, int k0, int k1, int parts) {
+                   int64_t H, uint64_t key, const uint64_t *starts, float sigma, int64_t cache_rows, int k0, int k1,
+                   int parts) {
     const int64_t R = lstm ? 4 * H : H;
     int failed = 0;
 #pragma omp parallel for num_threads(k1 - k0) schedule(static, 1) reduction(|: failed)
     for (int k = k0; k < k1; k++) {
         float *mm = malloc((size_t)(cache_rows * R) * sizeof(float));
         if (!mm) { failed = 1; continue; }
-        recurrence_rows(lstm, xp, w_h, h, c, mm, steps, batch, BLOCK_START(k), BLOCK_START(k + 1), H, key, starts,
-                        sigma, cache_rows);
+        recurrence_rows(lstm, xp, w_h, h, c, mm, steps, batch, block_start(batch, k, parts),
+                        block_start(batch, k + 1, parts), H, key, starts, sigma, cache_rows);
         free(mm);
     }
     return failed ? -1 : 0;
@@ -396,12 +401,13 @@ int dni_recurrence(int lstm, const float *xp, const float *w_h, float *h, float 
  * 0 zeros), acts (steps, batch, 4H) the activated LSTM gates; row blocks as in
  * dni_recurrence. Returns 0, or -1 if scratch memory ran out. */
 int dni_train_forward(int lstm, const float *xp, const float *w_h, float *hs, float *cs, float *acts, int64_t steps,
-                      int64_t batch, int64_t H, uint64_t key, const uint64_t *starts, float sigma, int k0, int k1, int parts) {
+                      int64_t batch, int64_t H, uint64_t key, const uint64_t *starts, float sigma, int k0, int k1,
+                      int parts) {
     const int64_t R = lstm ? 4 * H : H, per_row = lstm ? H : H / 4;
     int failed = 0;
 #pragma omp parallel for num_threads(k1 - k0) schedule(static, 1) reduction(|: failed)
     for (int k = k0; k < k1; k++) {
-        const int64_t r0 = BLOCK_START(k), m = BLOCK_START(k + 1) - r0;
+        const int64_t r0 = block_start(batch, k, parts), m = block_start(batch, k + 1, parts) - r0;
         float *mm = malloc((size_t)(m * R) * sizeof(float));
         if (!mm) { failed = 1; continue; }
         for (int64_t t = 0; t < steps; t++) {
@@ -428,7 +434,7 @@ void dni_train_backward(int lstm, const float *w_h, const float *hs, const float
     const int64_t R = lstm ? 4 * H : H;
 #pragma omp parallel for num_threads(k1 - k0) schedule(static, 1)
     for (int k = k0; k < k1; k++) {
-        const int64_t r0 = BLOCK_START(k), m = BLOCK_START(k + 1) - r0;
+        const int64_t r0 = block_start(batch, k, parts), m = block_start(batch, k + 1, parts) - r0;
         float *dhb = dh + r0 * H;
         for (int64_t t = steps - 1; t >= 0; t--) {
             float *d = dpre + (t * batch + r0) * R;
