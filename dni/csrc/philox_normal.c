@@ -106,42 +106,44 @@ static inline void sincos_2pi(float v, float *c, float *s) {
 }
 
 #ifdef __AVX512F__
-/* hi and lo 32 bits of the 16 products a * m (unsigned 32 x 32 -> 64 bits). */
-static inline void mulhilo16(__m512i a, __m512i m, __m512i *hi, __m512i *lo) {
-    __m512i even = _mm512_mul_epu32(a, m);                         /* lanes 0, 2, ..: 64-bit products */
-    __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);   /* lanes 1, 3, .. */
-    *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-    *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-}
-
-/* Philox4x32-10 of the 16 blocks counter .. counter + 15 (integer maths: the same bits as
- * the portable loop below, which gcc vectorises less well). */
+/* Philox4x32-10 of the 16 blocks counter .. counter + 15, two vectors of 8 blocks with each
+ * 32-bit word in the low half of a 64-bit lane: one _mm512_mul_epu32 then gives a whole
+ * 32 x 32 -> 64-bit product (hi and lo words) without shuffles, and the upper halves, which
+ * collect garbage, are never read (the multiply reads low halves, the stores truncate).
+ * Integer maths only: the same bits as the portable loop below, which gcc vectorises
+ * less well. */
 static inline void philox16(uint32_t *r0, uint32_t *r1, uint32_t *r2, uint32_t *r3, uint64_t counter,
                             uint32_t key0, uint32_t key1) {
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i lo_base = _mm512_set1_epi32((int)(uint32_t)counter);
-    __m512i c0 = _mm512_add_epi32(lo_base, iota);
-    __mmask16 carry = _mm512_cmplt_epu32_mask(c0, lo_base); /* low word wrapped */
-    __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32((int)(uint32_t)(counter >> 32)), carry,
-                                       _mm512_set1_epi32((int)(uint32_t)(counter >> 32)), _mm512_set1_epi32(1));
-    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-    const __m512i m0 = _mm512_set1_epi32((int)PHILOX_M0), m1 = _mm512_set1_epi32((int)PHILOX_M1);
+    const __m512i m0 = _mm512_set1_epi64(PHILOX_M0), m1 = _mm512_set1_epi64(PHILOX_M1);
+    __m512i c0[2], c1[2], c2[2], c3[2];
+    for (int v = 0; v < 2; v++) {
+        const __m512i cnt = _mm512_add_epi64(_mm512_set1_epi64((long long)counter),
+                                             _mm512_setr_epi64(8 * v, 8 * v + 1, 8 * v + 2, 8 * v + 3, 8 * v + 4,
+                                                               8 * v + 5, 8 * v + 6, 8 * v + 7));
+        c0[v] = cnt; /* low word of the 64-bit counter */
+        c1[v] = _mm512_srli_epi64(cnt, 32); /* high word */
+        c2[v] = _mm512_setzero_si512();
+        c3[v] = _mm512_setzero_si512();
+    }
     uint32_t k0 = key0, k1 = key1;
     for (int r = 0; r < 10; r++) {
-        __m512i hi0, lo0, hi1, lo1;
-        mulhilo16(c0, m0, &hi0, &lo0);
-        mulhilo16(c2, m1, &hi1, &lo1);
-        /* 0x96: a ^ b ^ c */
-        c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32((int)k0), 0x96);
-        c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32((int)k1), 0x96);
-        c1 = lo1;
-        c3 = lo0;
+        const __m512i kk0 = _mm512_set1_epi64(k0), kk1 = _mm512_set1_epi64(k1);
+        for (int v = 0; v < 2; v++) {
+            const __m512i p0 = _mm512_mul_epu32(c0[v], m0), p1 = _mm512_mul_epu32(c2[v], m1);
+            /* 0x96: a ^ b ^ c */
+            c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1[v], kk0, 0x96);
+            c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c3[v], kk1, 0x96);
+            c1[v] = p1; /* lo word of the product in the low half */
+            c3[v] = p0;
+        }
         k0 += PHILOX_W0; k1 += PHILOX_W1;
     }
-    _mm512_storeu_si512((void *)r0, c0);
-    _mm512_storeu_si512((void *)r1, c1);
-    _mm512_storeu_si512((void *)r2, c2);
-    _mm512_storeu_si512((void *)r3, c3);
+    for (int v = 0; v < 2; v++) {
+        _mm256_storeu_si256((__m256i *)(r0 + 8 * v), _mm512_cvtepi64_epi32(c0[v]));
+        _mm256_storeu_si256((__m256i *)(r1 + 8 * v), _mm512_cvtepi64_epi32(c1[v]));
+        _mm256_storeu_si256((__m256i *)(r2 + 8 * v), _mm512_cvtepi64_epi32(c2[v]));
+        _mm256_storeu_si256((__m256i *)(r3 + 8 * v), _mm512_cvtepi64_epi32(c3[v]));
+    }
 }
 #endif
 
