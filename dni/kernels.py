@@ -2,7 +2,7 @@
 
 The kernels: the Philox/Box-Muller noise stream, the fused noisy LSTM/RNN steps of
 inference (:func:`fused_recurrence`), and the forward and backward steps of the compiled
-training path (:func:`fused_recurrence_train`). Where torch's own library exports the BLAS
+training path (:func:`fused_layer_train`). Where torch's own library exports the BLAS
 ``sgemm_`` that torch.mm calls (MKL in the x86 wheels; checked bit for bit at load), whole
 recurrences run in C, the row blocks of the batch in parallel on OpenMP's thread team,
 which is torch's (the library links the libgomp that torch has loaded). Otherwise the
@@ -317,87 +317,115 @@ def _in_row_blocks(run: Callable[[int, int], None], batch: int, threads: int | N
             f.result()
 
 
-def _finish_forward(ctx, lib, lstm, w_h, hs, cs, acts) -> torch.Tensor:
-    ctx.lib, ctx.lstm, ctx.threads = lib, lstm, torch.get_num_threads()
-    ctx.save_for_backward(w_h, hs, cs, acts)
-    return hs[-1].clone()
+def _train_forward(lib: ctypes.CDLL, lstm: bool, xp: torch.Tensor, w_h: torch.Tensor, key: int, starts: list[int],
+                   sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The noisy recurrence over ``xp`` (steps, batch, R) with contiguous ``w_h`` (R, H),
+    keeping what the backward needs: the states hs, cs (steps + 1, batch, H; row 0 zeros)
+    and the activated LSTM gates acts (steps, batch, 4H)."""
+    steps, batch, rows = xp.shape
+    hidden = w_h.shape[1]
+    hs = xp.new_zeros(steps + 1, batch, hidden)
+    cs = xp.new_zeros(steps + 1, batch, hidden) if lstm else xp.new_empty(0)
+    acts = xp.new_empty(steps, batch, rows) if lstm else xp.new_empty(0)
+    if lib.blas:  # the rows split over threads, each block through every step in one call
+        starts_c = (ctypes.c_uint64 * steps)(*starts)
+        _c_row_blocks(lib, lambda k0, k1, parts: lib.dni_train_forward(
+            int(lstm), xp.data_ptr(), w_h.data_ptr(), hs.data_ptr(), cs.data_ptr(), acts.data_ptr(), steps, batch,
+            hidden, key, starts_c, sigma, k0, k1, parts), batch, None)
+        return hs, cs, acts
+    w_t = w_h.t()
+    mm = xp.new_empty(batch, rows)  # reused by every step; the kernels add xp[t]
+    for t in range(steps):
+        torch.mm(hs[t], w_t, out=mm)
+        if lstm:
+            lib.dni_lstm_train_fwd(mm.data_ptr(), xp[t].data_ptr(), cs[t].data_ptr(), cs[t + 1].data_ptr(),
+                                   hs[t + 1].data_ptr(), acts[t].data_ptr(), batch, hidden, key, starts[t], sigma)
+        else:
+            lib.dni_rnn_step(mm.data_ptr(), xp[t].data_ptr(), hs[t + 1].data_ptr(), batch, hidden, key, starts[t], sigma)
+    return hs, cs, acts
 
 
-class _NoisyRecurrenceTrain(torch.autograd.Function):
-    """The noisy recurrence with a hand-written backward, for training on CPU.
+def _train_backward(lib: ctypes.CDLL, lstm: bool, w_h: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor,
+                    acts: torch.Tensor, grad_h: torch.Tensor, threads: int) -> torch.Tensor:
+    """The gradients of the pre-activations, (steps, batch, R), from that of h_T."""
+    steps, batch, hidden = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    dpre = hs.new_empty(steps, batch, w_h.shape[0])
+    dh = grad_h.contiguous().clone()
+    dc = torch.zeros_like(dh)
+    if lib.blas:
+        _c_row_blocks(lib, lambda k0, k1, parts: lib.dni_train_backward(
+            int(lstm), w_h.data_ptr(), hs.data_ptr(), cs.data_ptr(), acts.data_ptr(), dh.data_ptr(), dc.data_ptr(),
+            dpre.data_ptr(), steps, batch, hidden, k0, k1, parts), batch, threads)
+        return dpre
+    for t in range(steps - 1, -1, -1):
+        if lstm:
+            lib.dni_lstm_train_bwd(acts[t].data_ptr(), cs[t].data_ptr(), cs[t + 1].data_ptr(), dh.data_ptr(),
+                                   dc.data_ptr(), dpre[t].data_ptr(), batch, hidden)
+        else:
+            torch.mul(dh, 1.0 - hs[t + 1] * hs[t + 1], out=dpre[t])
+        if t:
+            torch.mm(dpre[t], w_h, out=dh)
+    return dpre
 
-    Forward: per step one GEMM and one compiled kernel that adds the noise and applies the
-    gates, saving the activated gates. Backward: per step one compiled kernel for the gate
-    derivatives and one GEMM for the gradient of h_{t-1}; the gradient of W_h is one GEMM
-    over all steps at the end. Against autograd over the per-step torch ops this saves ~40
-    small operator calls per step and every tanh/sigmoid backward. With the BLAS attached,
-    forward and backward split the batch into row blocks as :func:`fused_recurrence` does,
-    each block through every step in C (from Python, the per-step calls and their thread
-    hand-offs cost more than the split gained); otherwise torch's threads run the GEMMs
-    and the kernels run on the calling thread.
+
+class _NoisyLayerTrain(torch.autograd.Function):
+    """The noisy recurrent layer (input projection and recurrence) with a hand-written
+    backward, for training on CPU.
+
+    Forward: the input projection ``W_x·x_t + b`` for all steps (as
+    :meth:`dni.models.NoisyRecurrent.project` computes it), then per step one GEMM and one
+    compiled kernel that adds the noise and applies the gates, saving the activated gates.
+    Backward: per step one compiled kernel for the gate derivatives and one GEMM for the
+    gradient of h_{t-1}; then one GEMM over all steps for the gradient of the whole weight
+    ``[W_x | W_h]`` (inputs and previous states side by side) and one sum for the bias.
+    Against autograd over the per-step torch ops this saves ~40 small operator calls per
+    step, every tanh/sigmoid backward, and the separate, zero-padded gradients of the two
+    weight slices. With the BLAS attached, forward and backward split the batch into row
+    blocks as :func:`fused_recurrence` does, each block through every step in C (from
+    Python, the per-step calls and their thread hand-offs cost more than the split gained);
+    otherwise torch's threads run the GEMMs and the kernels run on the calling thread.
     """
 
     @staticmethod
-    def forward(ctx, xp, w_h, lib, arch, key, starts, sigma):
-        steps, batch, rows = xp.shape
-        hidden = w_h.shape[1]
-        xp = xp.contiguous()
-        w_h = w_h.contiguous()  # a column slice of W: copied once, not at every GEMM
-        w_t = w_h.t()
+    def forward(ctx, x, weight, bias, lib, arch, key, starts, sigma):
+        batch, steps, inputs = x.shape
+        rows = weight.shape[0]
+        xt = x.transpose(0, 1).reshape(steps * batch, inputs)
+        xp = torch.addmm(bias, xt, weight[:, :inputs].t()).view(steps, batch, rows)
+        w_h = weight[:, inputs:].contiguous()  # a column slice of W: copied once, not at every GEMM
         lstm = arch == "lstm"
-        hs = xp.new_zeros(steps + 1, batch, hidden)
-        cs = xp.new_zeros(steps + 1, batch, hidden) if lstm else xp.new_empty(0)
-        acts = xp.new_empty(steps, batch, rows) if lstm else xp.new_empty(0)
-        if lib.blas:  # the rows split over threads, each block through every step in one call
-            starts_c = (ctypes.c_uint64 * steps)(*starts)
-            _c_row_blocks(lib, lambda k0, k1, parts: lib.dni_train_forward(
-                int(lstm), xp.data_ptr(), w_h.data_ptr(), hs.data_ptr(), cs.data_ptr(), acts.data_ptr(), steps, batch,
-                hidden, key, starts_c, sigma, k0, k1, parts), batch, None)
-            return _finish_forward(ctx, lib, lstm, w_h, hs, cs, acts)
-        mm = xp.new_empty(batch, rows)  # reused by every step; the kernels add xp[t]
-        for t in range(steps):
-            torch.mm(hs[t], w_t, out=mm)
-            if lstm:
-                lib.dni_lstm_train_fwd(mm.data_ptr(), xp[t].data_ptr(), cs[t].data_ptr(), cs[t + 1].data_ptr(),
-                                       hs[t + 1].data_ptr(), acts[t].data_ptr(), batch, hidden, key, starts[t], sigma)
-            else:
-                lib.dni_rnn_step(mm.data_ptr(), xp[t].data_ptr(), hs[t + 1].data_ptr(), batch, hidden, key, starts[t], sigma)
-        return _finish_forward(ctx, lib, lstm, w_h, hs, cs, acts)
+        hs, cs, acts = _train_forward(lib, lstm, xp, w_h, key, starts, sigma)
+        ctx.lib, ctx.lstm, ctx.threads = lib, lstm, torch.get_num_threads()
+        ctx.save_for_backward(xt, weight, w_h, hs, cs, acts)
+        return hs[-1].clone()
 
     @staticmethod
     def backward(ctx, grad_h):
-        w_h, hs, cs, acts = ctx.saved_tensors
-        steps, batch, hidden = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-        rows = w_h.shape[0]
-        dpre = hs.new_empty(steps, batch, rows)
-        dh = grad_h.contiguous().clone()
-        dc = torch.zeros_like(dh)
-        if ctx.lib.blas:
-            _c_row_blocks(ctx.lib, lambda k0, k1, parts: ctx.lib.dni_train_backward(
-                int(ctx.lstm), w_h.data_ptr(), hs.data_ptr(), cs.data_ptr(), acts.data_ptr(), dh.data_ptr(), dc.data_ptr(),
-                dpre.data_ptr(), steps, batch, hidden, k0, k1, parts), batch, ctx.threads)
-            grad_w = dpre.view(steps * batch, rows).t() @ hs[:-1].reshape(steps * batch, hidden)
-            return dpre, grad_w, None, None, None, None, None
-        for t in range(steps - 1, -1, -1):
-            if ctx.lstm:
-                ctx.lib.dni_lstm_train_bwd(acts[t].data_ptr(), cs[t].data_ptr(), cs[t + 1].data_ptr(), dh.data_ptr(),
-                                           dc.data_ptr(), dpre[t].data_ptr(), batch, hidden)
-            else:
-                torch.mul(dh, 1.0 - hs[t + 1] * hs[t + 1], out=dpre[t])
-            if t:
-                torch.mm(dpre[t], w_h, out=dh)
-        grad_w = dpre.view(steps * batch, rows).t() @ hs[:-1].reshape(steps * batch, hidden)
-        return dpre, grad_w, None, None, None, None, None
+        xt, weight, w_h, hs, cs, acts = ctx.saved_tensors
+        dpre = _train_backward(ctx.lib, ctx.lstm, w_h, hs, cs, acts, grad_h, ctx.threads)
+        steps, batch, rows = dpre.shape
+        inputs = xt.shape[1]
+        d2 = dpre.view(steps * batch, rows)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (d2 @ weight[:, :inputs]).view(steps, batch, inputs).transpose(0, 1)
+        if ctx.needs_input_grad[1]:
+            grad_w = d2.t() @ torch.cat([xt, hs[:-1].reshape(steps * batch, -1)], dim=1)
+        if ctx.needs_input_grad[2]:
+            grad_b = d2.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
-def fused_recurrence_train(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.Tensor, key: int,
-                           starts: list[int], sigma: float) -> torch.Tensor:
-    """The last output state h_T of the noisy recurrence, differentiable in ``xp`` and ``w_h``.
+def fused_layer_train(lib: ctypes.CDLL, arch: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      key: int, starts: list[int], sigma: float) -> torch.Tensor:
+    """The last output state h_T of the noisy layer on inputs ``x`` (batch, steps, inputs),
+    differentiable in ``x``, ``weight`` = [W_x | W_h] and ``bias``.
 
-    Same noise (stream positions ``starts``) and maths as :func:`fused_recurrence`; the
+    Same noise (stream positions ``starts``) and maths as the inference path
+    (:meth:`~dni.models.NoisyRecurrent.project`, then :func:`fused_recurrence`); the
     gradients are those of the per-step torch ops, to float rounding.
     """
-    return _NoisyRecurrenceTrain.apply(xp, w_h, lib, arch, key, starts, sigma)
+    return _NoisyLayerTrain.apply(x, weight, bias, lib, arch, key, starts, sigma)
 
 
 # --------------------------------------------------------------------------- pure torch

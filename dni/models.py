@@ -96,6 +96,12 @@ class NoisyRecurrent(nn.Module):
         else:
             raise SpecError(f"unknown initialisation {scheme!r}; choose one of {', '.join(INITS)}")
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 3 or x.shape[2] != self.input_size:
+            raise SpecError(
+                f"expected input of shape (batch, steps, {self.input_size}), got {tuple(x.shape)}"
+            )
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Noise-independent part of every pre-activation: ``W_x·x_t + b`` for all t.
 
@@ -105,10 +111,7 @@ class NoisyRecurrent(nn.Module):
         Returns:
             Tensor of shape (steps, batch, gates·H).
         """
-        if x.dim() != 3 or x.shape[2] != self.input_size:
-            raise SpecError(
-                f"expected input of shape (batch, steps, {self.input_size}), got {tuple(x.shape)}"
-            )
+        self._check_input(x)
         batch, steps, _ = x.shape
         w_x = self.weight[:, : self.input_size]
         xt = x.transpose(0, 1).reshape(steps * batch, self.input_size)
@@ -171,16 +174,15 @@ class NoisyRecurrent(nn.Module):
             return self._recur_sites(xp, noise, generator, observer, chosen)
         w_h = self.weight[:, self.input_size :]
         batch = xp.shape[1]
-        fused = None if observer is not None else _fused_kernel(self, noise, generator, xp)
+        # The compiled path here is for inference; training runs it from forward() with the
+        # input projection folded in (fused_layer_train).
+        needs_grad = torch.is_grad_enabled() and (xp.requires_grad or w_h.requires_grad)
+        fused = None if observer is not None or needs_grad else _fused_kernel(self, noise, generator, xp)
         if fused is not None:
-            from dni.kernels import fused_recurrence, fused_recurrence_train, torch_single_threaded
+            from dni.kernels import fused_recurrence, torch_single_threaded
 
             lib, sigma = fused
-            # The stream positions of every step's noise, in the order the generic path takes them.
-            starts = [generator.take(batch * w_h.shape[0]) if sigma else 0 for _ in range(xp.shape[0])]
-            if torch.is_grad_enabled() and (xp.requires_grad or w_h.requires_grad):
-                h = fused_recurrence_train(lib, self.arch, xp, w_h, generator.key, starts, sigma)
-                return noise(self.fc(h), generator)
+            starts = _stream_starts(generator, batch * w_h.shape[0], xp.shape[0], sigma)
             threads = torch.get_num_threads()
             # The whole pass runs with torch single-threaded and dni's own threads doing the
             # recurrence: any multi-threaded torch op here (even zero-filling h) would wake
@@ -224,6 +226,16 @@ class NoisyRecurrent(nn.Module):
         sites: str | None = None,
     ) -> torch.Tensor:
         """Noisy logits for inputs of shape (batch, steps, input_size)."""
+        if observer is None and self.parse_sites(sites) is None and torch.is_grad_enabled() and self.weight.requires_grad:
+            fused = _fused_kernel(self, noise, generator, x)
+            if fused is not None:  # training on CPU: the compiled layer with its hand-written backward
+                from dni.kernels import fused_layer_train
+
+                self._check_input(x)
+                lib, sigma = fused
+                starts = _stream_starts(generator, x.shape[0] * self.weight.shape[0], x.shape[1], sigma)
+                h = fused_layer_train(lib, self.arch, x, self.weight, self.bias, generator.key, starts, sigma)
+                return noise(self.fc(h), generator)
         return self.recur(self.project(x), noise, generator, observer, sites)
 
 
@@ -252,6 +264,11 @@ class NoisyLSTM(NoisyRecurrent):
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, c
+
+
+def _stream_starts(generator, per_step: int, steps: int, sigma: float) -> list[int]:
+    """The stream positions of every step's noise, in the order the generic path takes them."""
+    return [generator.take(per_step) if sigma else 0 for _ in range(steps)]
 
 
 def _fused_kernel(model: NoisyRecurrent, noise: NoiseModel, generator, xp: torch.Tensor):

@@ -9,7 +9,7 @@ training noise* is kept, since the model is meant to run on hardware of that noi
 
 The training noise comes from torch's generator (``rng="torch"``, the default) or from
 dni's Philox stream (``rng="philox"``). With Philox on CPU the noisy recurrence runs in the
-compiled kernels with a hand-written backward (:func:`dni.kernels.fused_recurrence_train`).
+compiled kernels with a hand-written backward (:func:`dni.kernels.fused_layer_train`).
 """
 
 from __future__ import annotations

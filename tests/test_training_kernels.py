@@ -33,8 +33,8 @@ def test_fused_training_matches_autograd_over_the_torch_ops(lib, loop_mode, two_
     xs = [torch.rand(150, steps, inputs) for _ in range(forwards)]  # two row blocks of 75
     y = torch.randint(0, 10, (150,))
     calls = []
-    real = kernels.fused_recurrence_train
-    monkeypatch.setattr(kernels, "fused_recurrence_train", lambda *a: calls.append(1) or real(*a))
+    real = kernels.fused_layer_train
+    monkeypatch.setattr(kernels, "fused_layer_train", lambda *a: calls.append(1) or real(*a))
     outs, grads, counter = _loss_and_grads(model, xs, y, sigma)
     assert len(calls) == forwards  # the compiled path ran
     monkeypatch.setattr("dni.models._fused_kernel", lambda *a: None)
@@ -48,7 +48,7 @@ def test_fused_training_matches_autograd_over_the_torch_ops(lib, loop_mode, two_
 
 def test_torch_generator_and_restricted_sites_keep_the_autograd_path(lib, monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "fused_recurrence_train", lambda *a: calls.append(1))
+    monkeypatch.setattr(kernels, "fused_layer_train", lambda *a: calls.append(1))
     model = build_model("lstm", 28)
     x = torch.rand(8, 28, 28)
     model(x, AdditiveGaussian(0.5), torch.Generator().manual_seed(0)).sum().backward()
