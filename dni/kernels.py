@@ -324,8 +324,11 @@ def _train_forward(lib: ctypes.CDLL, lstm: bool, xp: torch.Tensor, w_h: torch.Te
     and the activated LSTM gates acts (steps, batch, 4H)."""
     steps, batch, rows = xp.shape
     hidden = w_h.shape[1]
-    hs = xp.new_zeros(steps + 1, batch, hidden)
-    cs = xp.new_zeros(steps + 1, batch, hidden) if lstm else xp.new_empty(0)
+    hs = xp.new_empty(steps + 1, batch, hidden)  # every row but the first is written below
+    cs = xp.new_empty(steps + 1, batch, hidden) if lstm else xp.new_empty(0)
+    hs[0].zero_()
+    if lstm:
+        cs[0].zero_()
     acts = xp.new_empty(steps, batch, rows) if lstm else xp.new_empty(0)
     if lib.blas:  # the rows split over threads, each block through every step in one call
         starts_c = (ctypes.c_uint64 * steps)(*starts)
@@ -377,7 +380,7 @@ class _NoisyLayerTrain(torch.autograd.Function):
     compiled kernel that adds the noise and applies the gates, saving the activated gates.
     Backward: per step one compiled kernel for the gate derivatives and one GEMM for the
     gradient of h_{t-1}; then one GEMM over all steps for the gradient of the whole weight
-    ``[W_x | W_h]`` (inputs and previous states side by side) and one sum for the bias.
+    ``[W_x | W_h]`` and the bias (inputs, previous states and ones side by side).
     Against autograd over the per-step torch ops this saves ~40 small operator calls per
     step, every tanh/sigmoid backward, and the separate, zero-padded gradients of the two
     weight slices. With the BLAS attached, forward and backward split the batch into row
@@ -409,10 +412,12 @@ class _NoisyLayerTrain(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = (d2 @ weight[:, :inputs]).view(steps, batch, inputs).transpose(0, 1)
-        if ctx.needs_input_grad[1]:
-            grad_w = d2.t() @ torch.cat([xt, hs[:-1].reshape(steps * batch, -1)], dim=1)
-        if ctx.needs_input_grad[2]:
-            grad_b = d2.sum(0)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # Inputs, previous states and a column of ones side by side: one GEMM gives the
+            # gradients of W_x, W_h and b (computed transposed: faster for this long K).
+            operands = torch.cat([xt, hs[:-1].reshape(steps * batch, -1), xt.new_ones(steps * batch, 1)], dim=1)
+            grads = operands.t() @ d2  # (inputs + H + 1, R)
+            grad_w, grad_b = grads[:-1].t().contiguous(), grads[-1].clone()
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
