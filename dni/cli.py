@@ -101,7 +101,7 @@ RngOpt = Annotated[str, typer.Option("--rng", help="Inference noise generator: p
 NoiseTrainOpt = Annotated[str, typer.Option("--noise-train", help="Training noise model: additive, multiplicative, mixed:R, relative.")]
 NoiseValOpt = Annotated[str, typer.Option("--noise-val", help="Inference noise model: additive, multiplicative, mixed:R, relative.")]
 WeightNoiseOpt = Annotated[float, typer.Option("--weight-noise", help="Std of programming noise on the weights, redrawn per repeat.")]
-TrainRngOpt = Annotated[str, typer.Option("--train-rng", help="Training-noise generator: torch (default) or philox (dni's stream; runs the compiled training kernels on CPU, ~1.4-1.7x faster per epoch).")]
+TrainRngOpt = Annotated[str, typer.Option("--train-rng", help="Training-noise generator: torch (default) or philox (dni's stream; runs the compiled training kernels on CPU, ~1.4-2x faster per epoch).")]
 InitOpt = Annotated[str, typer.Option("--init", help="Weight initialisation: torch (PyTorch's defaults) or keras (Glorot/orthogonal, zero biases).")]
 SitesOpt = Annotated[str, typer.Option("--sites", help="Noisy products: all, cell, none, or a list of gate sites (i,f,g,o / h / r,u,nx,nh) and out.")]
 WeightModeOpt = Annotated[str, typer.Option("--weight-noise-mode", help="absolute, or relative to each tensor's max |w|.")]

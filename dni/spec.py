@@ -89,7 +89,7 @@ class TrainSpec:
     sites: str = "all"  # which matrix-vector products are noisy (see NoisyRecurrent.parse_sites)
     init: str = "torch"  # weight initialisation, one of models.INITS
     # Training-noise generator: torch (torch.randn) or philox (dni's counter-based stream,
-    # which lets training run the compiled noisy-recurrence kernels on CPU; ~1.4-1.7x faster per epoch).
+    # which lets training run the compiled noisy-recurrence kernels on CPU; ~1.4-2x faster per epoch).
     rng: str = "torch"
 
     def __post_init__(self) -> None:
