@@ -293,8 +293,7 @@ def _c_row_blocks(lib: ctypes.CDLL, call: Callable[[int, int, int], int | None],
 def _in_row_blocks(run: Callable[[int, int], None], batch: int, threads: int | None = None) -> None:
     """Call ``run(r0, r1)`` on contiguous row blocks of the batch, one per thread, with
     torch single-threaded meanwhile (each block's GEMMs run on its own thread)."""
-    threads = torch.get_num_threads() if threads is None else threads
-    parts = max(1, min(threads, batch // MIN_ROWS_PER_THREAD))
+    parts = _row_parts(batch, threads)
     if parts == 1:
         run(0, batch)
         return
