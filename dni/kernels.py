@@ -280,12 +280,10 @@ def _c_row_blocks(lib: ctypes.CDLL, call: Callable[[int, int, int], int | None],
     single-threaded meanwhile, so its bits do not depend on the split."""
     parts = _row_parts(batch, threads)
     with torch_single_threaded():
-        if lib.openmp or parts == 1:
+        if lib.openmp:
             codes = [call(0, parts, parts)]
         else:
-            pool = _threads_pool(parts - 1)
-            futures = [pool.submit(call, k, k + 1, parts) for k in range(1, parts)]
-            codes = [call(0, 1, parts), *(f.result() for f in futures)]
+            codes = _on_threads(parts, lambda k: call(k, k + 1, parts))
     if any(code for code in codes):
         raise MemoryError("the compiled recurrence could not allocate its scratch memory")
 
@@ -298,22 +296,28 @@ def _in_row_blocks(run: Callable[[int, int], None], batch: int, threads: int | N
         run(0, batch)
         return
     bounds = [batch * k // parts for k in range(parts + 1)]
+    with torch_single_threaded():
+        _on_threads(parts, lambda k: run(bounds[k], bounds[k + 1]))
 
-    def run_in_pool(r0: int, r1: int) -> None:
+
+def _on_threads(parts: int, fn: Callable[[int], object]) -> list:
+    """``fn(k)`` for k = 0..parts-1, k = 0 on this thread and the others on the pool's
+    threads at the same time; their results, in order."""
+    if parts == 1:
+        return [fn(0)]
+
+    def in_pool(k: int) -> object:
         # Grad mode and OpenMP's thread count are per thread: a pool thread starts with grad
         # on and with as many OpenMP threads as cores, so its GEMMs would start a team of
         # their own, which oversubscribes the cores and keeps spinning afterwards.
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
         with torch.no_grad():
-            run(r0, r1)
+            return fn(k)
 
-    with torch_single_threaded():
-        pool = _threads_pool(parts - 1)
-        futures = [pool.submit(run_in_pool, bounds[k], bounds[k + 1]) for k in range(1, parts)]
-        run(bounds[0], bounds[1])
-        for f in futures:
-            f.result()
+    pool = _threads_pool(parts - 1)
+    futures = [pool.submit(in_pool, k) for k in range(1, parts)]
+    return [fn(0), *(f.result() for f in futures)]
 
 
 def _train_forward(lib: ctypes.CDLL, lstm: bool, xp: torch.Tensor, w_h: torch.Tensor, key: int, starts: list[int],

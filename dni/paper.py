@@ -21,6 +21,7 @@ import dni
 from dni.data import stroke_lengths
 from dni.figdata import CASES, PAPER, STATE_PAIRS, comparison_rows, paths, stroke_length_table, weight_tables
 from dni.progress import SilentReporter
+from dni.sittings import Sitting, read_sittings, summary
 from dni.spec import EvalSpec, TrainSpec, parse_grid
 from dni.states import STATE_COLUMNS, record_states
 from dni.store import Store, read_csv, write_csv
@@ -231,9 +232,33 @@ def reproduce(
     another is still running); figures whose tables are missing are then skipped.
     """
     reporter = reporter or SilentReporter()
-    t0 = time.perf_counter()
+    from dni.train import git_commit
+
     results.mkdir(parents=True, exist_ok=True)
-    stages: dict[str, float] = {}
+    info = {"preset": preset.name, "train_rng": preset.train_rng, "cases": [f"{a}-{d}" for a, d in cases],
+            "dni_version": dni.__version__, "git_commit": git_commit(), "executor": executor.describe()}
+    with Sitting(results, info) as sitting:
+        figures = _reproduce_stages(preset, store, results, figures_dir, executor, data_dir, device, reporter, cases, sitting)
+    provenance = {
+        **{k: info[k] for k in ("preset", "train_rng", "cases")},
+        "description": preset.description,
+        **{k: info[k] for k in ("dni_version", "git_commit")},
+        "torch_version": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "executor": info["executor"],
+        "this_run_seconds": sitting.seconds,
+        "stages_seconds": sitting.record["stages_seconds"],
+        "training_seconds_total": _training_seconds(store, preset),
+        **summary(read_sittings(results, preset=preset.name, train_rng=preset.train_rng)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (results / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return {"figures": figures, "provenance": provenance}
+
+
+def _reproduce_stages(preset, store, results, figures_dir, executor, data_dir, device, reporter, cases, sitting) -> list:
+    """The stages of :func:`reproduce`, each recorded in ``sitting``; the figure files drawn."""
     power_frames = []
     for sweep in preset.sweeps(cases):
         arch, data = sweep.base.arch, sweep.base.data
@@ -243,7 +268,7 @@ def reproduce(
         folder = store.root / "sweeps" / report.sweep_id
         for key, name in (("results", "results.csv"), ("summary", "summary.csv")):
             write_csv(p[key], pd.read_csv(folder / name))
-        stages[f"sweep {arch} {data}"] = time.perf_counter() - t
+        sitting.stage(f"sweep {arch} {data}", time.perf_counter() - t)
         if arch == "lstm":
             t = time.perf_counter()
             frames = []
@@ -251,7 +276,7 @@ def reproduce(
                 mid = dataclasses.replace(sweep.base, sigma_train=st, seed=0).model_id
                 frames.append(record_states(store, mid, sweep.eval, sv, data_dir, device))
             write_csv(p["states"], pd.concat(frames, ignore_index=True))
-            stages[f"states {arch} {data}"] = time.perf_counter() - t
+            sitting.stage(f"states {arch} {data}", time.perf_counter() - t)
         hist, power = weight_tables(store, sweep.model_ids())
         if arch == "lstm":
             write_csv(p["weights"], hist)
@@ -272,28 +297,9 @@ def reproduce(
             skipped.append(n)
     if skipped:
         reporter.log(f"figures {', '.join(map(str, skipped))} skipped: their cases have not been run yet")
-    stages["figures"] = time.perf_counter() - t
+    sitting.stage("figures", time.perf_counter() - t)
     (results / "comparison.md").write_text(comparison_markdown(results, preset.name))
-    from dni.train import git_commit
-
-    provenance = {
-        "preset": preset.name,
-        "train_rng": preset.train_rng,
-        "cases": [f"{a}-{d}" for a, d in cases],
-        "description": preset.description,
-        "dni_version": dni.__version__,
-        "git_commit": git_commit(),
-        "torch_version": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "executor": executor.describe(),
-        "this_run_seconds": time.perf_counter() - t0,
-        "stages_seconds": stages,
-        "training_seconds_total": _training_seconds(store, preset),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    (results / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    return {"figures": figures, "provenance": provenance}
+    return figures
 
 
 def _training_seconds(store: Store, preset: Preset) -> float:

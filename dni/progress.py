@@ -47,16 +47,27 @@ class _PlainTask:
     def __init__(self, description: str, total: int, every: float, stream):
         self.description, self.total, self.every, self.stream = description, total, every, stream
         self.done, self.start, self.last = 0, time.monotonic(), 0.0
+        self.first: tuple[float, int] | None = None  # (time, done) of the first advance
 
     def advance(self, n: int = 1, **fields: object) -> None:
         self.done += n
         now = time.monotonic()
+        if self.first is None:
+            self.first = (now, self.done)
         if now - self.last >= self.every or self.done >= self.total:
             self.last = now
-            elapsed = now - self.start
-            eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-            print(f"[{self.description}] {self.done}/{self.total} elapsed {elapsed:.0f}s eta {eta:.0f}s {_fmt(fields)}".rstrip(),
+            print(f"[{self.description}] {self.done}/{self.total} elapsed {now - self.start:.0f}s eta {self.eta(now)} {_fmt(fields)}".rstrip(),
                   file=self.stream, flush=True)
+
+    def eta(self, now: float) -> str:
+        """Time left at the rate since the first advance: a task may wait a long time
+        before its first unit (cells wait for their models), which says nothing of its rate."""
+        if self.done >= self.total:
+            return "0s"
+        t1, d1 = self.first
+        if self.done == d1 or now <= t1:
+            return "?"
+        return f"{(now - t1) / (self.done - d1) * (self.total - self.done):.0f}s"
 
 
 class ConsoleReporter:

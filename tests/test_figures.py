@@ -97,7 +97,13 @@ def test_reproduce_some_cases_skips_the_figures_of_the_others(tmp_path, fixture_
     reproduce(preset, Store(tmp_path / "store"), results, figures, LocalExecutor(jobs=1), cases=(("rnn", "rows"),))
     assert sorted(p.stem for p in figures.glob("*.png")) == ["fig10", "fig6"]
     assert "Vanilla RNN, rows" in (results / "comparison.md").read_text()
-    reproduce(preset, Store(tmp_path / "store"), results, figures, LocalExecutor(jobs=1), cases=(("lstm", "rows"),))
+    out = reproduce(preset, Store(tmp_path / "store"), results, figures, LocalExecutor(jobs=1), cases=(("lstm", "rows"),))
     assert sorted(p.stem for p in figures.glob("*.png")) == ["fig10", "fig2", "fig3", "fig4", "fig5", "fig6"]
+    # the wall time of a reproduction run in sittings is their sum, each recorded
+    prov = out["provenance"]
+    assert prov["sittings"] == 2 and [s["finished"] for s in prov["sittings_detail"]] == [True, True]
+    assert list(prov["sittings_detail"][0]["stages_seconds"]) == ["sweep rnn rows", "figures"]
+    assert prov["all_sittings_seconds"] == pytest.approx(sum(s["seconds"] for s in prov["sittings_detail"]))
+    assert prov["all_sittings_seconds"] > prov["this_run_seconds"] > 0
     power = pd.read_csv(results / "weight-power.csv")
     assert set(power["arch"] + "-" + power["data"]) == {"rnn-rows", "lstm-rows"}

@@ -10,6 +10,7 @@ import os
 import pickle
 import random
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -335,6 +336,30 @@ _OPTIONS = {
 }
 
 
+@contextlib.contextmanager
+def _address_space_cap(extra: int):
+    """Let the process map at most ``extra`` more bytes than now: an input that makes dni
+    allocate without bound then fails this test with its arguments, instead of taking the
+    machine's memory until the kernel kills the whole test run."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    mapped = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _ran_out_of_memory(res) -> bool:
+    return isinstance(res.exception, MemoryError) or "allocate" in res.output.lower()
+
+
+def test_the_fuzz_memory_cap_stops_a_runaway_allocation():
+    with _address_space_cap(1 << 30), pytest.raises(RuntimeError, match="allocate"):
+        torch.ones(2 << 30, dtype=torch.uint8)  # 2 GiB, touched
+    torch.ones(2 << 30, dtype=torch.uint8)  # the cap is lifted again
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(command=st.sampled_from(sorted(_OPTIONS)), data=st.data())
 def test_cli_fuzz_never_crashes(command, data, fixture_data, tmp_path_factory):
@@ -352,7 +377,9 @@ def test_cli_fuzz_never_crashes(command, data, fixture_data, tmp_path_factory):
     if _OPTIONS[command]:
         for opt in data.draw(st.lists(st.sampled_from(_OPTIONS[command]), max_size=4, unique=True)):
             args += [opt, data.draw(_values)]
-    res = runner.invoke(app, args)
+    with _address_space_cap(4 << 30):
+        res = runner.invoke(app, args)
+    assert not _ran_out_of_memory(res), (args, "needed more than 4 GiB", res.output[-500:])
     if res.exit_code != 0:
         assert res.exception is None or isinstance(res.exception, SystemExit), (args, res.exception)
         assert res.output.strip(), args

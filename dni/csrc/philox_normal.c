@@ -354,24 +354,38 @@ static void mm_w(const float *a, const float *w, float *out, int64_t M, int64_t 
 /* First row of block k of `parts` near-equal contiguous blocks of the batch. */
 static inline int64_t block_start(int64_t batch, int k, int parts) { return batch * k / parts; }
 
+/* Rows r0 .. r0 + m - 1 of the batch through every step: per step mm = h_{t-1} W_h^T, then
+ * the fused step. hs, cs point at row r0 of the states of step 0; step t's states are
+ * sstride floats further (sstride == 0: updated in place, for inference). acts: NULL, or
+ * the activated LSTM gates, (steps, batch, 4H), kept for the backward. Inlined into both
+ * callers, so that each is specialised for its own sstride and acts. */
+static inline __attribute__((always_inline)) void rows_through_steps(
+    int lstm, const float *xp, const float *w_h, float *hs, float *cs, float *acts, float *mm, int64_t steps,
+    int64_t batch, int64_t r0, int64_t m, int64_t H, int64_t sstride, uint64_t key, const uint64_t *starts,
+    float sigma) {
+    const int64_t R = lstm ? 4 * H : H, per_row = lstm ? H : H / 4; /* stream blocks per row and step */
+    for (int64_t t = 0; t < steps; t++) {
+        float *h = hs + (t + 1) * sstride;
+        mm_wt(hs + t * sstride, w_h, mm, m, R, H);
+        const float *x = xp + (t * batch + r0) * R;
+        const uint64_t start = starts[t] + (uint64_t)(r0 * per_row);
+        if (lstm)
+            lstm_forward(mm, x, cs + t * sstride, cs + (t + 1) * sstride, h, acts ? acts + (t * batch + r0) * R : NULL, m,
+                         H, key, start, sigma);
+        else
+            dni_rnn_step(mm, x, h, m, H, key, start, sigma);
+    }
+}
+
 /* Rows r0..r1 of a noisy inference pass through all steps, in sub-blocks of `cache_rows`
- * rows (their GEMM output, h and c stay in cache): per step mm = h W_h^T, then the fused
- * step. */
+ * rows (their GEMM output, h and c stay in cache). c is NULL for the RNN. */
 static void recurrence_rows(int lstm, const float *xp, const float *w_h, float *h, float *c, float *mm,
                             int64_t steps, int64_t batch, int64_t r0, int64_t r1, int64_t H, uint64_t key,
                             const uint64_t *starts, float sigma, int64_t cache_rows) {
-    const int64_t R = lstm ? 4 * H : H, per_row = lstm ? H : H / 4; /* stream blocks per row and step */
     for (int64_t b0 = r0; b0 < r1; b0 += cache_rows) {
         const int64_t m = (r1 - b0) < cache_rows ? (r1 - b0) : cache_rows;
-        for (int64_t t = 0; t < steps; t++) {
-            mm_wt(h + b0 * H, w_h, mm, m, R, H);
-            const float *x = xp + (t * batch + b0) * R;
-            const uint64_t start = starts[t] + (uint64_t)(b0 * per_row);
-            if (lstm)
-                lstm_forward(mm, x, c + b0 * H, c + b0 * H, h + b0 * H, NULL, m, H, key, start, sigma);
-            else
-                dni_rnn_step(mm, x, h + b0 * H, m, H, key, start, sigma);
-        }
+        rows_through_steps(lstm, xp, w_h, h + b0 * H, lstm ? c + b0 * H : NULL, NULL, mm, steps, batch, b0, m, H, 0,
+                           key, starts, sigma);
     }
 }
 
@@ -405,24 +419,15 @@ int dni_recurrence(int lstm, const float *xp, const float *w_h, float *h, float 
 int dni_train_forward(int lstm, const float *xp, const float *w_h, float *hs, float *cs, float *acts, int64_t steps,
                       int64_t batch, int64_t H, uint64_t key, const uint64_t *starts, float sigma, int k0, int k1,
                       int parts) {
-    const int64_t R = lstm ? 4 * H : H, per_row = lstm ? H : H / 4;
+    const int64_t R = lstm ? 4 * H : H;
     int failed = 0;
 #pragma omp parallel for num_threads(k1 - k0) schedule(static, 1) reduction(|: failed)
     for (int k = k0; k < k1; k++) {
         const int64_t r0 = block_start(batch, k, parts), m = block_start(batch, k + 1, parts) - r0;
         float *mm = malloc((size_t)(m * R) * sizeof(float));
         if (!mm) { failed = 1; continue; }
-        for (int64_t t = 0; t < steps; t++) {
-            float *h = hs + ((t + 1) * batch + r0) * H;
-            mm_wt(hs + (t * batch + r0) * H, w_h, mm, m, R, H);
-            const float *x = xp + (t * batch + r0) * R;
-            const uint64_t start = starts[t] + (uint64_t)(r0 * per_row);
-            if (lstm)
-                lstm_forward(mm, x, cs + (t * batch + r0) * H, cs + ((t + 1) * batch + r0) * H, h,
-                             acts + (t * batch + r0) * R, m, H, key, start, sigma);
-            else
-                dni_rnn_step(mm, x, h, m, H, key, start, sigma);
-        }
+        rows_through_steps(lstm, xp, w_h, hs + r0 * H, lstm ? cs + r0 * H : NULL, acts, mm, steps, batch, r0, m, H,
+                           batch * H, key, starts, sigma);
         free(mm);
     }
     return failed ? -1 : 0;
