@@ -125,9 +125,10 @@ def vote(
                 x = test.x[start : start + ev.batch_size].to(device)
                 y = test.y[start : start + ev.batch_size].to(device)
                 xp = model.project(x)
+                inline = model.inline_projection(x, xp)
                 score = torch.zeros(len(y), model.num_classes, device=device)
                 for j, gen in enumerate(gens, start=1):
-                    logits = model.recur(xp, noise, gen)
+                    logits = model.recur(xp, noise, gen, inline=inline)
                     if method == "majority":
                         # one vote per pass; the summed softmax breaks ties
                         score += torch.nn.functional.one_hot(logits.argmax(1), model.num_classes) + 1e-3 * logits.softmax(1)

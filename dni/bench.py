@@ -95,8 +95,9 @@ def inference(arch: str, data: str, batch: int = 1000, cells: int = 8) -> dict[s
 
         def dni_cells():  # as in dni.evaluate.run_cells: one projection, many noisy passes
             xp = model.project(x)
+            inline = model.inline_projection(x, xp)
             for k in range(cells):
-                model.recur(xp, noise, PhiloxGenerator(k))
+                model.recur(xp, noise, PhiloxGenerator(k), inline=inline)
 
         t_dni = _time(dni_cells) / cells
     return {"fused": batch / t_fused, "naive": batch / t_naive, "dni": batch / t_dni,

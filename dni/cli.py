@@ -471,8 +471,8 @@ def reproduce_cli(
             chosen = tuple(names[c] for c in cases.split(","))
         res = reproduce(p, st, results, figures_dir, ex, data_dir, str(resolve_device(device)), _reporter(), chosen)
         prov = res["provenance"]
-        out.print(f"done in {prov['this_run_seconds']:.0f}s: {len(res['figures'])} figure files in {figures_dir}, "
-                  f"tables and comparison.md in {results}")
+        out.print(f"done in {prov['this_run_seconds']:.0f}s ({prov['all_sittings_seconds']:.0f}s over {prov['sittings']} sitting(s) "
+                  f"of this preset): {len(res['figures'])} figure files in {figures_dir}, tables and comparison.md in {results}")
 
 
 @app.command("plot")

@@ -31,6 +31,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -117,10 +118,12 @@ def _compile_with(flags: list[str]) -> ctypes.CDLL:
     lib.dni_lstm_train_bwd.argtypes = [f32p] * 6 + [i64, i64]
     i32, u64p = ctypes.c_int, ctypes.c_void_p
     lib.dni_set_sgemm.argtypes = [ctypes.c_void_p]
-    lib.dni_recurrence.argtypes = [i32] + [f32p] * 4 + [i64] * 3 + [u64, u64p, f32, i64, i32, i32, i32]
+    lib.dni_recurrence.argtypes = [i32] + [f32p] * 6 + [i64] * 3 + [u64, u64p, f32, i64, i32, i32, i32]
     lib.dni_train_forward.argtypes = [i32] + [f32p] * 5 + [i64] * 3 + [u64, u64p, f32, i32, i32, i32]
     lib.dni_train_backward.argtypes = [i32] + [f32p] * 7 + [i64] * 3 + [i32, i32, i32]
     lib.dni_blas_mm.argtypes = [i32] + [f32p] * 3 + [i64] * 3
+    lib.dni_projection2_mismatches.argtypes = [f32p] * 3 + [i64] * 2
+    lib.dni_projection2_mismatches.restype = ctypes.c_int64
     for fn in (lib.dni_normal, lib.dni_lstm_step, lib.dni_rnn_step, lib.dni_philox4x32_10, lib.dni_lstm_train_fwd,
                lib.dni_lstm_train_bwd, lib.dni_set_sgemm, lib.dni_train_backward, lib.dni_blas_mm):
         fn.restype = None
@@ -216,14 +219,45 @@ def torch_single_threaded():
         torch.set_num_threads(before)
 
 
+@dataclass(frozen=True)
+class InlineProjection:
+    """The inputs of an LSTM layer with two inputs (pen strokes), for the compiled loop to
+    compute ``W_x·x_t + b`` itself instead of reading the projections: those of a batch of
+    1,000 sequences take 100 MB, streamed from memory at every pass, while the inputs take
+    0.4 MB. Made by :func:`inline_projection`, which checks it gives the same bits."""
+
+    x: torch.Tensor  # (steps, batch, 2)
+    w: torch.Tensor  # (3, 4H): W_x[:, 0], W_x[:, 1], b
+
+
+def inline_projection(lib: ctypes.CDLL, x: torch.Tensor, w_x: torch.Tensor, bias: torch.Tensor,
+                      xp: torch.Tensor) -> InlineProjection | None:
+    """An :class:`InlineProjection` of ``x`` (batch, steps, 2) when the kernels' formula
+    reproduces ``xp`` (steps, batch, 4H), the projection torch computed, bit for bit, else
+    None (another BLAS, another CPU: the loops then read ``xp``). The check reads ``xp``
+    once; it pays off when many noisy passes share the batch, as evaluation's cells do."""
+    steps, batch, rows = xp.shape
+    if not lib.blas or x.shape[2] != 2 or not xp.is_contiguous():
+        return None
+    with torch.no_grad():
+        xin = x.detach().transpose(0, 1).contiguous()
+        w = torch.stack([w_x[:, 0], w_x[:, 1], bias]).detach().contiguous()
+    if lib.dni_projection2_mismatches(xin.data_ptr(), w.data_ptr(), xp.data_ptr(), steps * batch, rows):
+        return None
+    return InlineProjection(xin, w)
+
+
 def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.Tensor, h: torch.Tensor,
-                     c: torch.Tensor | None, key: int, starts: list[int], sigma: float, threads: int | None = None) -> None:
+                     c: torch.Tensor | None, key: int, starts: list[int], sigma: float, threads: int | None = None,
+                     inline: InlineProjection | None = None) -> None:
     """Run the whole noisy recurrence with the compiled step, updating ``h`` (and ``c``) in place.
 
     Args:
         xp: input projections, (steps, batch, gates·H); w_h: recurrent weights (gates·H, H).
         starts: the stream position (Philox block) of each step's (batch, gates·H) noise.
         threads: worker threads (default: torch's intra-op thread count).
+        inline: for an LSTM with two inputs, their projections computed in the loop
+            instead of read from ``xp`` (same bits; see :class:`InlineProjection`).
 
     The batch is cut into contiguous row blocks, one per thread, and each thread runs every
     step of its block: the recurrent GEMM of its rows (single-threaded BLAS) and the fused
@@ -243,8 +277,9 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
     if lib.blas:  # every step of each row block in one call
         starts_c = (ctypes.c_uint64 * steps)(*starts)
         c_ptr = c.data_ptr() if c is not None else 0
+        x_ptr, w_ptr = (inline.x.data_ptr(), inline.w.data_ptr()) if inline is not None and arch == "lstm" else (0, 0)
         _c_row_blocks(lib, lambda k0, k1, parts: lib.dni_recurrence(
-            int(arch == "lstm"), xp.data_ptr(), w_h.data_ptr(), h.data_ptr(), c_ptr, steps, batch, hidden, key, starts_c,
+            int(arch == "lstm"), xp.data_ptr(), x_ptr, w_ptr, w_h.data_ptr(), h.data_ptr(), c_ptr, steps, batch, hidden, key, starts_c,
             sigma, CACHE_ROWS, k0, k1, parts), batch, threads)
         return
 

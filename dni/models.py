@@ -117,6 +117,20 @@ class NoisyRecurrent(nn.Module):
         xt = x.transpose(0, 1).reshape(steps * batch, self.input_size)
         return torch.addmm(self.bias, xt, w_x.t()).view(steps, batch, -1)
 
+    def inline_projection(self, x: torch.Tensor, xp: torch.Tensor):
+        """For many noisy passes over one batch (evaluation's cells): what lets the compiled
+        LSTM loop compute ``W_x·x_t + b`` itself where the layer has two inputs (strokes),
+        instead of streaming ``xp = project(x)`` from memory at every pass; None where it
+        does not apply. It is used only if it reproduces ``xp`` bit for bit (checked here)."""
+        if self.arch != "lstm" or self.input_size != 2 or type(self).step is not NoisyLSTM.step:
+            return None
+        if x.device.type != "cpu" or x.dtype != torch.float32 or xp.dtype != torch.float32:
+            return None
+        from dni import kernels
+
+        lib = kernels.library()
+        return None if lib is None else kernels.inline_projection(lib, x, self.weight[:, :2], self.bias, xp)
+
     def site_names(self) -> tuple[str, ...]:
         """The noise sites of this architecture: its gate products and ``out``."""
         return (*self.gate_names, "out")
@@ -158,6 +172,7 @@ class NoisyRecurrent(nn.Module):
         generator: torch.Generator | None = None,
         observer: StepObserver | None = None,
         sites: str | None = None,
+        inline=None,
     ) -> torch.Tensor:
         """Run the noisy recurrence over projected inputs and return noisy logits.
 
@@ -168,6 +183,8 @@ class NoisyRecurrent(nn.Module):
             observer: optional callback receiving each step's states.
             sites: which products are noisy: ``all`` (default), or a comma list of
                 :meth:`site_names` (``cell`` = every product in the cell, ``none``).
+            inline: from :meth:`inline_projection` for these ``xp``: the compiled loop
+                then computes the projections instead of reading them (same bits).
         """
         chosen = self.parse_sites(sites)
         if chosen is not None:
@@ -190,7 +207,7 @@ class NoisyRecurrent(nn.Module):
             with torch_single_threaded():
                 h = xp.new_zeros(batch, self.hidden_size)
                 c = xp.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
-                fused_recurrence(lib, self.arch, xp, w_h, h, c, generator.key, starts, sigma, threads=threads)
+                fused_recurrence(lib, self.arch, xp, w_h, h, c, generator.key, starts, sigma, threads=threads, inline=inline)
                 return noise(self.fc(h), generator)
         h = xp.new_zeros(batch, self.hidden_size)
         c = xp.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
@@ -309,7 +326,7 @@ class NoisyGRU(NoisyRecurrent):
     def site_names(self) -> tuple[str, ...]:
         return ("r", "u", "nx", "nh", "out")
 
-    def recur(self, xp, noise, generator=None, observer=None, sites=None):
+    def recur(self, xp, noise, generator=None, observer=None, sites=None, inline=None):
         chosen = self.parse_sites(sites)
         hs = self.hidden_size
         w_h = self.weight[:, self.input_size :]

@@ -5,7 +5,7 @@ A reproduction that takes hours is often run in several sittings: it is interrup
 keeps what was done. Its wall time is then the sum over the sittings, and a sitting
 killed by SIGKILL never reaches the end where a summary would be written.
 
-So each sitting writes its own record, ``<results>/sittings/<started>-<pid>.json``, when it
+So each sitting writes its own record, ``<results>/sittings/<started>-<pid>-<random>.json``, when it
 starts, after each stage, and every ``heartbeat`` seconds from a daemon thread. A killed
 sitting keeps a record whose ``seconds`` is at most one heartbeat short. Records are
 written atomically: a reader sees the old record or the new one.
@@ -17,6 +17,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from dni.store import atomic_write
@@ -29,11 +30,13 @@ class Sitting:
 
     def __init__(self, results: Path, info: dict, heartbeat: float = 30.0):
         self._t0 = time.perf_counter()
-        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now = time.time()
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         folder = Path(results) / FOLDER
         folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"{started.replace(':', '')}-{os.getpid()}.json"
-        self.record = {**info, "started": started, "seconds": 0.0, "finished": False, "stages_seconds": {}}
+        self.path = folder / f"{started.replace(':', '')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        self.record = {**info, "started": started, "started_unix": now, "seconds": 0.0, "finished": False,
+                       "stages_seconds": {}}
         self._heartbeat = heartbeat
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -83,7 +86,12 @@ def read_sittings(results: Path, **match: object) -> list[dict]:
             continue
         if isinstance(record, dict) and all(record.get(k) == v for k, v in match.items()):
             records.append(record)
-    return sorted(records, key=lambda r: r.get("started", ""))
+    return sorted(records, key=_start)
+
+
+def _start(record: dict) -> float:
+    value = record.get("started_unix")
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def summary(records: list[dict]) -> dict:

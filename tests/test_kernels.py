@@ -181,6 +181,41 @@ def test_row_blocks_across_threads_draw_the_same_noise(lib, loop_mode, arch, mon
     torch.testing.assert_close(fused, generic, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("sigma", [0.0, 0.6])
+def test_stroke_projections_computed_in_the_loop_give_the_same_bits(lib, loop_mode, two_threads, sigma, fixture_data):
+    """An LSTM with two inputs computes W_x·x_t + b in the loop instead of reading it: the
+    logits must not change by a bit, for real stroke inputs and for random ones."""
+    from dni.data import load_dataset
+
+    torch.manual_seed(3)
+    model = build_model("lstm", 2).eval()
+    for x in (load_dataset("strokes", "test").x, torch.randn(257, 50, 2)):
+        with torch.no_grad():
+            xp = model.project(x)
+            inline = model.inline_projection(x, xp)
+            if loop_mode != "python":
+                assert inline is not None, "the formula must reproduce torch's projection on this CPU"
+            read = model.recur(xp, AdditiveGaussian(sigma), PhiloxGenerator(11))
+            computed = model.recur(xp, AdditiveGaussian(sigma), PhiloxGenerator(11), inline=inline)
+        assert torch.equal(read, computed)
+
+
+def test_projections_that_the_formula_misses_by_one_bit_are_read_instead(lib):
+    if not lib.blas:
+        pytest.skip("torch's library has no usable sgemm")
+    torch.manual_seed(3)
+    model = build_model("lstm", 2).eval()
+    x = torch.rand(40, 50, 2)
+    with torch.no_grad():
+        xp = model.project(x)
+        assert model.inline_projection(x, xp) is not None
+        off = xp.clone()
+        off[17, 3, 100] = torch.nextafter(off[17, 3, 100], torch.tensor(1.0))
+        assert model.inline_projection(x, off) is None
+        assert build_model("lstm", 28).inline_projection(torch.rand(4, 28, 28), torch.zeros(28, 4, 512)) is None
+        assert build_model("rnn", 2).inline_projection(x, torch.zeros(50, 40, 128)) is None
+
+
 def test_fallback_without_a_compiler_gives_the_same_results(tmp_path):
     code = (
         "import torch; from dni.models import build_model; from dni.noise import AdditiveGaussian, PhiloxGenerator; "

@@ -58,8 +58,15 @@ def test_sittings_of_other_runs_are_not_counted(tmp_path):
         folder = tmp_path / "sittings"
         folder.mkdir(exist_ok=True)
         n = len(list(folder.iterdir()))
-        (folder / f"{n}.json").write_text(json.dumps({"preset": preset, "started": f"2026-01-0{n + 1}", "seconds": seconds}))
+        (folder / f"{n}.json").write_text(json.dumps({"preset": preset, "started_unix": 1e9 + n, "seconds": seconds}))
     (tmp_path / "sittings" / "broken.json").write_text("{not json")
     paper = summary(read_sittings(tmp_path, preset="paper"))
     assert paper["sittings"] == 2 and paper["all_sittings_seconds"] == 120.0
     assert [s["seconds"] for s in paper["sittings_detail"]] == [100.0, 20.0]
+
+
+def test_sittings_started_in_the_same_second_are_all_kept(tmp_path):
+    for _ in range(3):
+        with Sitting(tmp_path, {"preset": "p"}, heartbeat=10):
+            pass
+    assert summary(read_sittings(tmp_path, preset="p"))["sittings"] == 3

@@ -211,17 +211,33 @@ void dni_normal(float *out, int64_t n, uint64_t key, uint64_t counter, float sca
     }
 }
 
+/* The input projection W_x x + b of a layer with two inputs, as torch.addmm computes it
+ * with the BLAS of torch's x86 wheels: x0 w0, then fused x1 w1 +, then + b.
+ * dni/kernels.py checks it against torch's projection, bit for bit, before every use. */
+static inline float projection2(float x0, float x1, float w0, float w1, float b) {
+    return __builtin_fmaf(x1, w1, x0 * w0) + b;
+}
+
 /* Gates of one LSTM row: pre-activation (mm + xp) + z, as the generic path computes
- * addmm(xp, h, W_h^T) + z (mm + xp rounds like addmm: a test checks it). xp may be NULL
- * (pre-activations given whole in mm). c_prev and c may alias; act (the activated gates,
- * for the backward) may be NULL. */
+ * addmm(xp, h, W_h^T) + z (mm + xp rounds like addmm: a test checks it). xp may be NULL:
+ * then with x2 (the row's two inputs) the projection is computed here from w2 = [W_x[:, 0]
+ * | W_x[:, 1] | b], (3, 4H), else the pre-activations are given whole in mm. c_prev and c
+ * may alias; act (the activated gates, for the backward) may be NULL. */
 static inline __attribute__((always_inline)) void lstm_row_gates(
-    const float *mm, const float *xp, const float *c_prev, float *c, float *h, float *act, int64_t H,
-    const float *zi, const float *zf, const float *zg, const float *zo) {
+    const float *mm, const float *xp, const float *x2, const float *w2, const float *c_prev, float *c, float *h,
+    float *act, int64_t H, const float *zi, const float *zf, const float *zg, const float *zo) {
+    const float x0 = x2 ? x2[0] : 0.0f, x1 = x2 ? x2[1] : 0.0f;
+    const float *w0 = w2, *w1 = w2 ? w2 + 4 * H : NULL, *bb = w2 ? w2 + 8 * H : NULL;
 #pragma omp simd
     for (int64_t u = 0; u < H; u++) {
         float pi = mm[u], pf = mm[H + u], pg = mm[2 * H + u], po = mm[3 * H + u];
         if (xp) { pi += xp[u]; pf += xp[H + u]; pg += xp[2 * H + u]; po += xp[3 * H + u]; }
+        if (x2) {
+            pi += projection2(x0, x1, w0[u], w1[u], bb[u]);
+            pf += projection2(x0, x1, w0[H + u], w1[H + u], bb[H + u]);
+            pg += projection2(x0, x1, w0[2 * H + u], w1[2 * H + u], bb[2 * H + u]);
+            po += projection2(x0, x1, w0[3 * H + u], w1[3 * H + u], bb[3 * H + u]);
+        }
         float gi = sigmoid_f(pi + zi[u]);
         float gf = sigmoid_f(pf + zf[u]);
         float gg = tanh_f(pg + zg[u]);
@@ -235,10 +251,11 @@ static inline __attribute__((always_inline)) void lstm_row_gates(
 
 /* The rows of one noisy LSTM step: inlined into both entry points below, so that each is
  * specialised for its own c_prev/act (act == NULL: inference). Row b's 4H samples are
- * blocks counter + b H .. counter + (b + 1) H - 1 of the stream, drawn in one go. */
+ * blocks counter + b H .. counter + (b + 1) H - 1 of the stream, drawn in one go. Without
+ * xp, x2 (B, 2) and w2 give the projections (see lstm_row_gates), or mm holds them. */
 static inline __attribute__((always_inline)) void lstm_forward(
-    const float *mm, const float *xp, const float *c_prev, float *c, float *h, float *act, int64_t B, int64_t H,
-    uint64_t key, uint64_t counter, float sigma) {
+    const float *mm, const float *xp, const float *x2, const float *w2, const float *c_prev, float *c, float *h,
+    float *act, int64_t B, int64_t H, uint64_t key, uint64_t counter, float sigma) {
     float z[4 * H]; /* the row's noise, gate q at z + q H */
     if (sigma == 0.0f) memset(z, 0, sizeof z);
     for (int64_t b = 0; b < B; b++) {
@@ -253,9 +270,11 @@ static inline __attribute__((always_inline)) void lstm_forward(
             for (int64_t j = 0; j < H; j += CHUNK)
                 normal_blocks(z + 4 * j, (int)((H - j) < CHUNK ? (H - j) : CHUNK), key, counter + (uint64_t)(b * H + j), sigma);
         if (x)
-            lstm_row_gates(m, x, cp, cb, hb, ab, H, z, z + H, z + 2 * H, z + 3 * H);
+            lstm_row_gates(m, x, NULL, NULL, cp, cb, hb, ab, H, z, z + H, z + 2 * H, z + 3 * H);
+        else if (x2)
+            lstm_row_gates(m, NULL, x2 + 2 * b, w2, cp, cb, hb, ab, H, z, z + H, z + 2 * H, z + 3 * H);
         else
-            lstm_row_gates(m, NULL, cp, cb, hb, ab, H, z, z + H, z + 2 * H, z + 3 * H);
+            lstm_row_gates(m, NULL, NULL, NULL, cp, cb, hb, ab, H, z, z + H, z + 2 * H, z + 3 * H);
     }
 }
 
@@ -266,7 +285,7 @@ static inline __attribute__((always_inline)) void lstm_forward(
  * the whole (B, 4H) tensor. sigma == 0: no noise. */
 void dni_lstm_step(const float *mm, const float *xp, float *c, float *h, int64_t B, int64_t H, uint64_t key,
                    uint64_t counter, float sigma) {
-    lstm_forward(mm, xp, c, c, h, NULL, B, H, key, counter, sigma);
+    lstm_forward(mm, xp, NULL, NULL, c, c, h, NULL, B, H, key, counter, sigma);
 }
 
 /* One noisy vanilla-RNN step: h = tanh((mm + xp) + z), mm and xp (B, H), xp may be NULL.
@@ -299,7 +318,7 @@ void dni_rnn_step(const float *mm, const float *xp, float *h, int64_t B, int64_t
  * backward step needs. */
 void dni_lstm_train_fwd(const float *mm, const float *xp, const float *c_prev, float *c, float *h, float *act,
                         int64_t B, int64_t H, uint64_t key, uint64_t counter, float sigma) {
-    lstm_forward(mm, xp, c_prev, c, h, act, B, H, key, counter, sigma);
+    lstm_forward(mm, xp, NULL, NULL, c_prev, c, h, act, B, H, key, counter, sigma);
 }
 
 /* Backward of one LSTM step. act: (B, 4H) activated gates, c_prev and c: (B, H) cell states
@@ -355,22 +374,25 @@ static void mm_w(const float *a, const float *w, float *out, int64_t M, int64_t 
 static inline int64_t block_start(int64_t batch, int k, int parts) { return batch * k / parts; }
 
 /* Rows r0 .. r0 + m - 1 of the batch through every step: per step mm = h_{t-1} W_h^T, then
- * the fused step. hs, cs point at row r0 of the states of step 0; step t's states are
+ * the fused step. The input projections come from xp, (steps, batch, R), or where xin is
+ * given (LSTM with two inputs) are computed from xin, (steps, batch, 2), and w2 (see
+ * lstm_row_gates). hs, cs point at row r0 of the states of step 0; step t's states are
  * sstride floats further (sstride == 0: updated in place, for inference). acts: NULL, or
  * the activated LSTM gates, (steps, batch, 4H), kept for the backward. Inlined into both
  * callers, so that each is specialised for its own sstride and acts. */
 static inline __attribute__((always_inline)) void rows_through_steps(
-    int lstm, const float *xp, const float *w_h, float *hs, float *cs, float *acts, float *mm, int64_t steps,
-    int64_t batch, int64_t r0, int64_t m, int64_t H, int64_t sstride, uint64_t key, const uint64_t *starts,
-    float sigma) {
+    int lstm, const float *xp, const float *xin, const float *w2, const float *w_h, float *hs, float *cs, float *acts,
+    float *mm, int64_t steps, int64_t batch, int64_t r0, int64_t m, int64_t H, int64_t sstride, uint64_t key,
+    const uint64_t *starts, float sigma) {
     const int64_t R = lstm ? 4 * H : H, per_row = lstm ? H : H / 4; /* stream blocks per row and step */
     for (int64_t t = 0; t < steps; t++) {
         float *h = hs + (t + 1) * sstride;
         mm_wt(hs + t * sstride, w_h, mm, m, R, H);
-        const float *x = xp + (t * batch + r0) * R;
+        const int inline_x = lstm && xin; /* the RNN always reads xp */
+        const float *x = inline_x ? NULL : xp + (t * batch + r0) * R, *x2 = inline_x ? xin + (t * batch + r0) * 2 : NULL;
         const uint64_t start = starts[t] + (uint64_t)(r0 * per_row);
         if (lstm)
-            lstm_forward(mm, x, cs + t * sstride, cs + (t + 1) * sstride, h, acts ? acts + (t * batch + r0) * R : NULL, m,
+            lstm_forward(mm, x, x2, w2, cs + t * sstride, cs + (t + 1) * sstride, h, acts ? acts + (t * batch + r0) * R : NULL, m,
                          H, key, start, sigma);
         else
             dni_rnn_step(mm, x, h, m, H, key, start, sigma);
@@ -379,17 +401,19 @@ static inline __attribute__((always_inline)) void rows_through_steps(
 
 /* Rows r0..r1 of a noisy inference pass through all steps, in sub-blocks of `cache_rows`
  * rows (their GEMM output, h and c stay in cache). c is NULL for the RNN. */
-static void recurrence_rows(int lstm, const float *xp, const float *w_h, float *h, float *c, float *mm,
+static void recurrence_rows(int lstm, const float *xp, const float *xin, const float *w2, const float *w_h, float *h,
+                            float *c, float *mm,
                             int64_t steps, int64_t batch, int64_t r0, int64_t r1, int64_t H, uint64_t key,
                             const uint64_t *starts, float sigma, int64_t cache_rows) {
     for (int64_t b0 = r0; b0 < r1; b0 += cache_rows) {
         const int64_t m = (r1 - b0) < cache_rows ? (r1 - b0) : cache_rows;
-        rows_through_steps(lstm, xp, w_h, h + b0 * H, lstm ? c + b0 * H : NULL, NULL, mm, steps, batch, b0, m, H, 0,
-                           key, starts, sigma);
+        rows_through_steps(lstm, xp, xin, w2, w_h, h + b0 * H, lstm ? c + b0 * H : NULL, NULL, mm, steps, batch, b0, m,
+                           H, 0, key, starts, sigma);
     }
 }
 
-/* A whole noisy inference pass. xp: (steps, batch, R) with R = 4H (LSTM) or H (RNN);
+/* A whole noisy inference pass. xp: (steps, batch, R) with R = 4H (LSTM) or H (RNN), or
+ * (LSTM with two inputs) xin: (steps, batch, 2) and w2: (3, 4H), see lstm_row_gates;
  * w_h: (R, H); h, c: (batch, H), updated (c unused for the RNN); starts[t]: the stream
  * block of step t's (batch, R) noise. The batch is cut into `parts` row blocks, and this
  * runs blocks k0..k1-1, each through every step, in parallel (OpenMP: the thread team that
@@ -397,7 +421,7 @@ static void recurrence_rows(int lstm, const float *xp, const float *w_h, float *
  * own). The BLAS must be single-threaded meanwhile. Each row draws its own stream
  * positions, so the result does not depend on the blocks. Returns 0, or -1 if scratch
  * memory ran out. */
-int dni_recurrence(int lstm, const float *xp, const float *w_h, float *h, float *c, int64_t steps, int64_t batch,
+int dni_recurrence(int lstm, const float *xp, const float *xin, const float *w2, const float *w_h, float *h, float *c, int64_t steps, int64_t batch,
                    int64_t H, uint64_t key, const uint64_t *starts, float sigma, int64_t cache_rows, int k0, int k1,
                    int parts) {
     const int64_t R = lstm ? 4 * H : H;
@@ -406,7 +430,7 @@ int dni_recurrence(int lstm, const float *xp, const float *w_h, float *h, float 
     for (int k = k0; k < k1; k++) {
         float *mm = malloc((size_t)(cache_rows * R) * sizeof(float));
         if (!mm) { failed = 1; continue; }
-        recurrence_rows(lstm, xp, w_h, h, c, mm, steps, batch, block_start(batch, k, parts),
+        recurrence_rows(lstm, xp, xin, w2, w_h, h, c, mm, steps, batch, block_start(batch, k, parts),
                         block_start(batch, k + 1, parts), H, key, starts, sigma, cache_rows);
         free(mm);
     }
@@ -426,7 +450,7 @@ int dni_train_forward(int lstm, const float *xp, const float *w_h, float *hs, fl
         const int64_t r0 = block_start(batch, k, parts), m = block_start(batch, k + 1, parts) - r0;
         float *mm = malloc((size_t)(m * R) * sizeof(float));
         if (!mm) { failed = 1; continue; }
-        rows_through_steps(lstm, xp, w_h, hs + r0 * H, lstm ? cs + r0 * H : NULL, acts, mm, steps, batch, r0, m, H,
+        rows_through_steps(lstm, xp, NULL, NULL, w_h, hs + r0 * H, lstm ? cs + r0 * H : NULL, acts, mm, steps, batch, r0, m, H,
                            batch * H, key, starts, sigma);
         free(mm);
     }
@@ -476,4 +500,17 @@ void dni_blas_mm(int w_transposed, const float *a, const float *w, float *out, i
         mm_wt(a, w, out, M, N, K);
     else
         mm_w(a, w, out, M, N, K);
+}
+
+/* Elements of xp, (n, 4H), that projection2 does not reproduce bit for bit from x, (n, 2),
+ * and w2 = [W_x[:, 0] | W_x[:, 1] | b], (3, 4H). */
+int64_t dni_projection2_mismatches(const float *x, const float *w2, const float *xp, int64_t n, int64_t R) {
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float x0 = x[2 * i], x1 = x[2 * i + 1];
+        const float *row = xp + i * R;
+#pragma omp simd reduction(+: bad)
+        for (int64_t u = 0; u < R; u++) bad += as_uint(projection2(x0, x1, w2[u], w2[R + u], w2[2 * R + u])) != as_uint(row[u]);
+    }
+    return bad;
 }
