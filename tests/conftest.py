@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,12 @@ os.environ["MPLCONFIGDIR"] = str(_WORK / "matplotlib")
 os.environ["XDG_CACHE_HOME"] = str(_WORK / "xdg")
 os.environ["TMPDIR"] = str(_WORK / "tmp")
 (_WORK / "tmp").mkdir(exist_ok=True)
+# A test that allocates without bound fails with MemoryError (and names itself) at 16 GiB
+# of address space, instead of taking the machine's memory until the kernel kills the run.
+_CAP = 16 << 30
+_soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+if (_soft == resource.RLIM_INFINITY or _soft > _CAP) and (_hard == resource.RLIM_INFINITY or _hard >= _CAP):
+    resource.setrlimit(resource.RLIMIT_AS, (_CAP, _hard))
 # Real data for the tests that need the full files: $DNI_DATA_DIR, else ../shared/data.
 REAL_DATA = Path(os.environ.get("DNI_DATA_DIR") or ROOT.parent / "shared" / "data")
 os.environ.pop("DNI_DATA_DIR", None)
