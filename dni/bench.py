@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dni import kernels
+from dni.memory import keep_freed_memory
 from dni.models import build_model
 from dni.noise import AdditiveGaussian, PhiloxGenerator
 
@@ -158,6 +159,7 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
     """Run every measurement; return the JSON-able summary."""
     if threads:
         torch.set_num_threads(threads)
+    keep_freed_memory()  # as dni train does; it helps fused torch as much (one process)
     result: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": kernels.available()}
     peak = gemm_peak(2048 if quick else 4096)
     result["gemm_peak_gflops"] = peak

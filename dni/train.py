@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import dni
 from dni.data import Dataset, load_dataset
 from dni.errors import DivergenceError
+from dni.memory import keep_freed_memory
 from dni.models import NoisyRecurrent, build_model
 from dni.noise import Generator, NoiseModel, make_noise
 from dni.noise import make_generator as make_noise_source
@@ -117,6 +118,7 @@ def train(
     """
     reporter = reporter or SilentReporter()
     device = torch.device(device)
+    keep_freed_memory()  # each step's buffers reuse the last step's pages
     t0 = time.perf_counter()
     full = load_dataset(spec.data, "train", data_dir, stroke_repr=spec.stroke_repr, limit=spec.limit_train)
     train_ds, val_ds = split_train_val(full, spec.val_size)
