@@ -277,7 +277,11 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
     if lib.blas:  # every step of each row block in one call
         starts_c = (ctypes.c_uint64 * steps)(*starts)
         c_ptr = c.data_ptr() if c is not None else 0
-        x_ptr, w_ptr = (inline.x.data_ptr(), inline.w.data_ptr()) if inline is not None and arch == "lstm" else (0, 0)
+        x_ptr, w_ptr = 0, 0
+        if inline is not None and arch == "lstm":
+            if inline.x.shape != (steps, batch, 2) or inline.w.shape != (3, xp.shape[2]):
+                raise ValueError(f"inline projection of shape {tuple(inline.x.shape)} does not match xp {tuple(xp.shape)}")
+            x_ptr, w_ptr = inline.x.data_ptr(), inline.w.data_ptr()
         _c_row_blocks(lib, lambda k0, k1, parts: lib.dni_recurrence(
             int(arch == "lstm"), xp.data_ptr(), x_ptr, w_ptr, w_h.data_ptr(), h.data_ptr(), c_ptr, steps, batch, hidden, key, starts_c,
             sigma, CACHE_ROWS, k0, k1, parts), batch, threads)

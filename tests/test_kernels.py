@@ -214,6 +214,9 @@ def test_projections_that_the_formula_misses_by_one_bit_are_read_instead(lib):
         assert model.inline_projection(x, off) is None
         assert build_model("lstm", 28).inline_projection(torch.rand(4, 28, 28), torch.zeros(28, 4, 512)) is None
         assert build_model("rnn", 2).inline_projection(x, torch.zeros(50, 40, 128)) is None
+        other = model.inline_projection(x[:20], model.project(x[:20]))  # another batch's inputs
+        with pytest.raises(ValueError, match="does not match"):
+            model.recur(xp, AdditiveGaussian(0.5), PhiloxGenerator(1), inline=other)
 
 
 def test_fallback_without_a_compiler_gives_the_same_results(tmp_path):
