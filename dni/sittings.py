@@ -1,7 +1,7 @@
 """A record of every sitting of a long run, kept as it goes.
 
 A reproduction that takes hours is often run in several sittings: it is interrupted
-(a session ends, a machine is rebooted, a job is killed) and resumed later, and the store
+(a terminal closes, a machine is rebooted, a job is killed) and resumed later, and the store
 keeps what was done. Its wall time is then the sum over the sittings, and a sitting
 killed by SIGKILL never reaches the end where a summary would be written.
 
