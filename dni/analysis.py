@@ -114,30 +114,31 @@ def vote(
     kmax = ks[-1]
     device = torch.device(device)
     model.eval()
-    rows = []
-    for sigma in ev.sigma_val:
-        noise = make_noise(ev.noise, sigma)
-        for r in range(ev.repeats):
-            base = cell_seed(ev.seed, model_id, sigma, r)
-            gens = [make_generator(ev.rng, derive_seed(base, "vote", j), device) for j in range(kmax)]
-            correct = {k: 0 for k in ks}
-            for start in range(0, len(test), ev.batch_size):
-                x = test.x[start : start + ev.batch_size].to(device)
-                y = test.y[start : start + ev.batch_size].to(device)
-                xp = model.project(x)
-                inline = model.inline_projection(x, xp)
-                score = torch.zeros(len(y), model.num_classes, device=device)
-                for j, gen in enumerate(gens, start=1):
-                    logits = model.recur(xp, noise, gen, inline=inline)
-                    if method == "majority":
-                        # one vote per pass; the summed softmax breaks ties
-                        score += torch.nn.functional.one_hot(logits.argmax(1), model.num_classes) + 1e-3 * logits.softmax(1)
-                    else:
-                        score += logits
-                    if j in correct:
-                        correct[j] += int((score.argmax(1) == y).sum())
-            rows += [{"model_id": model_id, "sigma_val": sigma, "repeat": r, "k": k, "method": method,
-                      "n_test": len(test), "accuracy": correct[k] / len(test)} for k in ks]
+    cells = [(sigma, r) for sigma in ev.sigma_val for r in range(ev.repeats)]
+    noises = {sigma: make_noise(ev.noise, sigma) for sigma in ev.sigma_val}
+    # Each pass keeps its own generator across the batches, so the batches can come first
+    # and their projections be computed once for every cell.
+    gens = {(sigma, r): [make_generator(ev.rng, derive_seed(cell_seed(ev.seed, model_id, sigma, r), "vote", j), device)
+                         for j in range(kmax)] for sigma, r in cells}
+    correct = {cell: {k: 0 for k in ks} for cell in cells}
+    for start in range(0, len(test), ev.batch_size):
+        x = test.x[start : start + ev.batch_size].to(device)
+        y = test.y[start : start + ev.batch_size].to(device)
+        xp = model.project(x)
+        inline = model.inline_projection(x, xp)
+        for sigma, r in cells:
+            score = torch.zeros(len(y), model.num_classes, device=device)
+            for j, gen in enumerate(gens[sigma, r], start=1):
+                logits = model.recur(xp, noises[sigma], gen, inline=inline)
+                if method == "majority":
+                    # one vote per pass; the summed softmax breaks ties
+                    score += torch.nn.functional.one_hot(logits.argmax(1), model.num_classes) + 1e-3 * logits.softmax(1)
+                else:
+                    score += logits
+                if j in correct[sigma, r]:
+                    correct[sigma, r][j] += int((score.argmax(1) == y).sum())
+    rows = [{"model_id": model_id, "sigma_val": sigma, "repeat": r, "k": k, "method": method,
+             "n_test": len(test), "accuracy": correct[sigma, r][k] / len(test)} for sigma, r in cells for k in ks]
     return pd.DataFrame(rows)
 
 

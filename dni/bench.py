@@ -8,10 +8,13 @@ Measured side by side in one process (same threads, same shapes):
 * the straightforward noisy baseline: one pass per (sigma_val, repeat), an eager per-step
   cell computing ``x_t W_x^T + h W_h^T + b``, ``torch.randn`` noise;
 * dni's noisy inference (shared input projection, Philox noise, fused step kernel) and
-  dni's noisy training step.
+  dni's noisy training step;
+* where the BLAS has a bf16 GEMM: dni's noisy inference at ``--precision bf16`` (not fp32,
+  so it changes the numbers; see dni.precision), and the bf16 GEMM peak.
 
 It ends with one JSON line of throughputs and ratios: ``noisy_vs_fused`` (goal >= 1),
-``noisy_vs_naive`` (goal >= 5), ``train_vs_fused`` (goal >= 1), ``frac_of_peak``.
+``noisy_vs_naive`` (goal >= 5), ``train_vs_fused`` (goal >= 1), ``frac_of_peak``, and for
+bf16 ``bf16_vs_fused`` and ``bf16_vs_naive`` (null where bf16 has no fast path).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dni import kernels
 from dni.memory import keep_freed_memory
 from dni.models import build_model
 from dni.noise import AdditiveGaussian, PhiloxGenerator
+from dni.precision import products_in
 
 SHAPES = {"rows": (28, 28), "strokes": (50, 2)}
 H = 128
@@ -50,10 +54,16 @@ def _time(fn: Callable[[], object], min_time: float = 1.0, reps: int = 3) -> flo
     return best
 
 
-def gemm_peak(n: int = 4096) -> float:
-    """fp32 GFLOP/s of ``F.linear`` on n x n matrices."""
-    a, w = torch.randn(n, n), torch.randn(n, n)
+def gemm_peak(n: int = 4096, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of ``F.linear`` on n x n matrices of ``dtype``."""
+    a, w = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n**3 / _time(lambda: F.linear(a, w), 0.5) / 1e9
+
+
+def has_fast_bf16() -> bool:
+    """Whether dni's compiled loop has a bf16 GEMM (see dni.precision)."""
+    lib = kernels.library()
+    return lib is not None and bool(lib.bf16)
 
 
 def naive_noisy(model, x: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
@@ -101,8 +111,13 @@ def inference(arch: str, data: str, batch: int = 1000, cells: int = 8) -> dict[s
                 model.recur(xp, noise, PhiloxGenerator(k), inline=inline)
 
         t_dni = _time(dni_cells) / cells
+        t_bf16 = None
+        if has_fast_bf16():
+            with products_in(model, "bf16"):
+                t_bf16 = _time(dni_cells) / cells
     return {"fused": batch / t_fused, "naive": batch / t_naive, "dni": batch / t_dni,
-            "dni_gflops": batch * _flops(arch, steps, inputs) / t_dni / 1e9}
+            "dni_gflops": batch * _flops(arch, steps, inputs) / t_dni / 1e9,
+            "dni_bf16": batch / t_bf16 if t_bf16 else None}
 
 
 def training(arch: str, data: str, batch: int = 128) -> dict[str, float]:
@@ -161,16 +176,25 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
         torch.set_num_threads(threads)
     keep_freed_memory()  # as dni train does; it helps fused torch as much (one process)
     result: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": kernels.available()}
-    peak = gemm_peak(2048 if quick else 4096)
+    n = 2048 if quick else 4096
+    peak = gemm_peak(n)
     result["gemm_peak_gflops"] = peak
-    log(f"fp32 GEMM peak (F.linear): {peak:.0f} GFLOP/s with {torch.get_num_threads()} thread(s); compiled kernels: {kernels.available()}")
-    log(f"{'shape':16s} {'fused torch':>12s} {'naive noisy':>12s} {'dni noisy':>12s} {'vs fused':>9s} {'vs naive':>9s} {'% peak':>7s}   (sequences/s, batch 1000)")
+    result["gemm_peak_bf16_gflops"] = gemm_peak(n, torch.bfloat16) if has_fast_bf16() else None
+    bf16_peak = f"{result['gemm_peak_bf16_gflops']:.0f} GFLOP/s" if has_fast_bf16() else "n/a (no bf16 GEMM in the BLAS)"
+    log(f"fp32 GEMM peak (F.linear): {peak:.0f} GFLOP/s with {torch.get_num_threads()} thread(s); compiled kernels: {kernels.available()}; "
+        f"bf16 GEMM peak: {bf16_peak}")
+    log(f"{'shape':16s} {'fused torch':>12s} {'naive noisy':>12s} {'dni noisy':>12s} {'vs fused':>9s} {'vs naive':>9s} {'% peak':>7s} "
+        f"{'dni bf16':>10s} {'vs fused':>9s} {'vs naive':>9s}   (sequences/s, batch 1000; bf16 changes the numbers)")
     cases = [("lstm", "rows"), ("lstm", "strokes"), ("rnn", "rows")]
     for arch, data in cases:
         r = inference(arch, data)
         r.update(noisy_vs_fused=r["dni"] / r["fused"], noisy_vs_naive=r["dni"] / r["naive"], frac_of_peak=r["dni_gflops"] / peak)
+        bf16 = r["dni_bf16"]
+        r.update(bf16_vs_fused=bf16 / r["fused"] if bf16 else None, bf16_vs_naive=bf16 / r["naive"] if bf16 else None)
         result[f"infer_{arch}_{data}"] = r
-        log(f"{arch + ' ' + data:16s} {r['fused']:12.0f} {r['naive']:12.0f} {r['dni']:12.0f} {r['noisy_vs_fused']:9.2f} {r['noisy_vs_naive']:9.2f} {100 * r['frac_of_peak']:6.1f}%")
+        bf16_cols = f"{bf16:10.0f} {r['bf16_vs_fused']:9.2f} {r['bf16_vs_naive']:9.2f}" if bf16 else f"{'n/a':>10s} {'':9s} {'':9s}"
+        log(f"{arch + ' ' + data:16s} {r['fused']:12.0f} {r['naive']:12.0f} {r['dni']:12.0f} {r['noisy_vs_fused']:9.2f} {r['noisy_vs_naive']:9.2f} "
+            f"{100 * r['frac_of_peak']:6.1f}% {bf16_cols}")
     log(f"{'shape':16s} {'fused torch':>12s} {'dni noisy':>12s} {'ratio':>9s} {'autograd':>12s} {'ratio':>9s}   "
         "(training steps/s, batch 128; dni: --train-rng philox, autograd: --train-rng torch)")
     for arch, data in cases:
@@ -187,7 +211,7 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
         log(f"LSTM rows, whole machine (sequences/s): dni noisy 1 process x 2 threads {w['1x2']:.0f}, 2 processes x 1 thread "
             f"{w['2x1']:.0f} ({w['2x1'] / w['1x2']:.2f}x); fused torch {w['fused_1x2']:.0f} and {w['fused_2x1']:.0f}; "
             f"dni vs fused, both 2 x 1: {w['noisy_vs_fused_2x1']:.2f}")
-    for key in ("noisy_vs_fused", "noisy_vs_naive", "frac_of_peak"):
+    for key in ("noisy_vs_fused", "noisy_vs_naive", "frac_of_peak", "bf16_vs_fused", "bf16_vs_naive"):
         result[key] = {f"{a}_{d}": result[f"infer_{a}_{d}"][key] for a, d in cases}
     result["train_vs_fused"] = {f"{a}_{d}": result[f"train_{a}_{d}"]["train_vs_fused"] for a, d in cases}
     return result

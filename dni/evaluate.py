@@ -23,6 +23,7 @@ from dni.data import Dataset, load_dataset
 from dni.errors import StoreError
 from dni.models import NoisyRecurrent
 from dni.noise import make_generator, make_noise, perturb_weights
+from dni.precision import products_in
 from dni.progress import Reporter, SilentReporter
 from dni.seeding import derive_seed
 from dni.spec import EvalSpec, TrainSpec
@@ -56,6 +57,11 @@ def run_cells(
     """Number of correctly classified test digits for each (sigma_val, repeat) cell."""
     model.eval()
     model.parse_sites(spec.sites)  # fail early on an unknown site
+    with products_in(model, spec.precision):
+        return _run_cells(model, model_id, test, cells, spec, device, on_batch)
+
+
+def _run_cells(model, model_id, test, cells, spec, device, on_batch) -> list[int]:
     noises = [make_noise(spec.noise, s) for s, _ in cells]
     gens = [make_generator(spec.rng, cell_seed(spec.seed, model_id, s, r), device) for s, r in cells]
     correct = torch.zeros(len(cells), dtype=torch.int64, device=device)
@@ -77,7 +83,8 @@ def run_cells(
         x = test.x[start : start + spec.batch_size].to(device)
         y = test.y[start : start + spec.batch_size].to(device)
         xp = model.project(x)  # shared by every cell: no noise enters W_x·x + b
-        inline = model.inline_projection(x, xp)  # strokes: recomputed in the loop, cheaper than read
+        # strokes: recomputed in the loop, cheaper than read (the per-site loop reads xp)
+        inline = model.inline_projection(x, xp) if model.parse_sites(spec.sites) is None else None
         noiseless = None  # the noise-free pass: the same for every cell without noise (sigma_val = 0)
         for k, (noise, gen) in enumerate(zip(noises, gens)):
             if noise.is_noiseless:
@@ -182,6 +189,8 @@ def collect(store: Store, model_ids: Sequence[str], ev: EvalSpec) -> pd.DataFram
         out["weight_noise"], out["weight_noise_mode"] = ev.weight_noise, ev.weight_noise_mode
     if ev.sites != "all":
         out["sites"] = ev.sites
+    if ev.precision != "fp32":
+        out["precision"] = ev.precision
     return out.sort_values(["arch", "data", "sigma_train", "seed", "model_id", "sigma_val", "repeat"], kind="stable").reset_index(drop=True)
 
 

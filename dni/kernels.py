@@ -118,18 +118,21 @@ def _compile_with(flags: list[str]) -> ctypes.CDLL:
     lib.dni_lstm_train_bwd.argtypes = [f32p] * 6 + [i64, i64]
     i32, u64p = ctypes.c_int, ctypes.c_void_p
     lib.dni_set_sgemm.argtypes = [ctypes.c_void_p]
-    lib.dni_recurrence.argtypes = [i32] + [f32p] * 6 + [i64] * 3 + [u64, u64p, f32, i64, i32, i32, i32]
+    lib.dni_set_gemm_bf16.argtypes = [ctypes.c_void_p]
+    lib.dni_recurrence.argtypes = [i32] + [f32p] * 7 + [i64] * 3 + [u64, u64p, f32, i64, i32, i32, i32]
     lib.dni_train_forward.argtypes = [i32] + [f32p] * 5 + [i64] * 3 + [u64, u64p, f32, i32, i32, i32]
     lib.dni_train_backward.argtypes = [i32] + [f32p] * 7 + [i64] * 3 + [i32, i32, i32]
     lib.dni_blas_mm.argtypes = [i32] + [f32p] * 3 + [i64] * 3
+    lib.dni_blas_mm_bf16.argtypes = [f32p] * 3 + [i64] * 3
     lib.dni_projection2_mismatches.argtypes = [f32p] * 3 + [i64] * 2
     lib.dni_projection2_mismatches.restype = ctypes.c_int64
     for fn in (lib.dni_normal, lib.dni_lstm_step, lib.dni_rnn_step, lib.dni_philox4x32_10, lib.dni_lstm_train_fwd,
-               lib.dni_lstm_train_bwd, lib.dni_set_sgemm, lib.dni_train_backward, lib.dni_blas_mm):
+               lib.dni_lstm_train_bwd, lib.dni_set_sgemm, lib.dni_set_gemm_bf16, lib.dni_train_backward, lib.dni_blas_mm):
         fn.restype = None
-    for fn in (lib.dni_recurrence, lib.dni_train_forward, lib.dni_openmp):
+    for fn in (lib.dni_recurrence, lib.dni_train_forward, lib.dni_openmp, lib.dni_blas_mm_bf16):
         fn.restype = ctypes.c_int
     lib.blas = _attach_blas(lib)
+    lib.bf16 = lib.blas and _attach_gemm_bf16(lib)
     lib.openmp = bool(lib.dni_openmp())
     return lib
 
@@ -159,6 +162,33 @@ def _attach_blas(lib: ctypes.CDLL) -> bool:
             if not (torch.equal(out_t, torch.mm(a, w.t())) and torch.equal(out, torch.mm(b, w))):
                 lib.dni_set_sgemm(None)
                 return False
+    return True
+
+
+def _attach_gemm_bf16(lib: ctypes.CDLL) -> bool:
+    """Hand the kernels the BLAS's bf16 GEMM (MKL's ``gemm_bf16bf16f32_``: bfloat16 operands,
+    fp32 accumulation and output; AMX tiles where the CPU has them), for inference at
+    ``--precision bf16``. Used only if, on the shape of the loops, it agrees with the fp32
+    product of the rounded operands to within fp32 summation error (its summation order is
+    its own, so not bit for bit)."""
+    try:
+        torch_lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        address = ctypes.cast(torch_lib.gemm_bf16bf16f32_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return False
+    lib.dni_set_gemm_bf16(address)
+    gen = torch.Generator().manual_seed(0)
+    a, w = torch.randn(256, 128, generator=gen), torch.randn(512, 128, generator=gen)
+    a16, w16 = a.bfloat16().float(), w.bfloat16()
+    out = torch.empty(256, 512)
+    with torch_single_threaded():
+        if lib.dni_blas_mm_bf16(a.data_ptr(), w16.data_ptr(), out.data_ptr(), 256, 512, 128):
+            raise MemoryError("no scratch memory for the bf16 GEMM check")
+    ref = torch.mm(a16.double(), w16.double().t())
+    bound = 1e-5 * torch.mm(a16.abs().double(), w16.double().abs().t()) + 1e-30  # ~ K * 2^-24 relative, with margin
+    if not bool(((out.double() - ref).abs() <= bound).all()):
+        lib.dni_set_gemm_bf16(None)
+        return False
     return True
 
 
@@ -249,7 +279,7 @@ def inline_projection(lib: ctypes.CDLL, x: torch.Tensor, w_x: torch.Tensor, bias
 
 def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.Tensor, h: torch.Tensor,
                      c: torch.Tensor | None, key: int, starts: list[int], sigma: float, threads: int | None = None,
-                     inline: InlineProjection | None = None) -> None:
+                     inline: InlineProjection | None = None, w_h16: torch.Tensor | None = None) -> None:
     """Run the whole noisy recurrence with the compiled step, updating ``h`` (and ``c``) in place.
 
     Args:
@@ -258,6 +288,8 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
         threads: worker threads (default: torch's intra-op thread count).
         inline: for an LSTM with two inputs, their projections computed in the loop
             instead of read from ``xp`` (same bits; see :class:`InlineProjection`).
+        w_h16: ``w_h`` in bfloat16, for bf16 products (``lib.bf16`` must be True): each step
+            multiplies h rounded to bf16 by it, accumulating in fp32 (see dni.precision).
 
     The batch is cut into contiguous row blocks, one per thread, and each thread runs every
     step of its block: the recurrent GEMM of its rows (single-threaded BLAS) and the fused
@@ -274,6 +306,8 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
     xp = xp.contiguous()
     w_h = w_h.contiguous()
     w_t = w_h.t()
+    if w_h16 is not None and not lib.bf16:
+        raise ValueError("bf16 products need the BLAS's bf16 GEMM, which this library does not have")
     if lib.blas:  # every step of each row block in one call
         starts_c = (ctypes.c_uint64 * steps)(*starts)
         c_ptr = c.data_ptr() if c is not None else 0
@@ -282,8 +316,14 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
             if inline.x.shape != (steps, batch, 2) or inline.w.shape != (3, xp.shape[2]):
                 raise ValueError(f"inline projection of shape {tuple(inline.x.shape)} does not match xp {tuple(xp.shape)}")
             x_ptr, w_ptr = inline.x.data_ptr(), inline.w.data_ptr()
+        w16_ptr = 0
+        if w_h16 is not None:
+            w_h16 = w_h16.contiguous()
+            if w_h16.dtype != torch.bfloat16 or w_h16.shape != w_h.shape:
+                raise ValueError(f"w_h16 must be w_h {tuple(w_h.shape)} in bfloat16, got {w_h16.dtype} {tuple(w_h16.shape)}")
+            w16_ptr = w_h16.data_ptr()
         _c_row_blocks(lib, lambda k0, k1, parts: lib.dni_recurrence(
-            int(arch == "lstm"), xp.data_ptr(), x_ptr, w_ptr, w_h.data_ptr(), h.data_ptr(), c_ptr, steps, batch, hidden, key, starts_c,
+            int(arch == "lstm"), xp.data_ptr(), x_ptr, w_ptr, w_h.data_ptr(), w16_ptr, h.data_ptr(), c_ptr, steps, batch, hidden, key, starts_c,
             sigma, CACHE_ROWS, k0, k1, parts), batch, threads)
         return
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from dni.errors import SpecError
 from dni.noise import NoiseModel
+from dni.precision import operand
 
 #: Called after every time step with (t, h_t, c_t or None); used to record state statistics.
 StepObserver = Callable[[int, torch.Tensor, torch.Tensor | None], None]
@@ -51,6 +52,9 @@ class NoisyRecurrent(nn.Module):
     arch: ClassVar[str]
     gate_names: ClassVar[tuple[str, ...]]
     noisy_products: ClassVar[int]  # noisy matrix-vector products per step (plus the output layer)
+    #: Precision of the matrix-vector products at inference (see dni.precision); every
+    #: product goes through :meth:`_op` on both operands. Not part of the saved state.
+    precision: str = "fp32"
 
     def __init__(self, input_size: int, hidden_size: int = HIDDEN_SIZE, num_classes: int = NUM_CLASSES, init: str = "torch"):
         super().__init__()
@@ -113,9 +117,19 @@ class NoisyRecurrent(nn.Module):
         """
         self._check_input(x)
         batch, steps, _ = x.shape
-        w_x = self.weight[:, : self.input_size]
-        xt = x.transpose(0, 1).reshape(steps * batch, self.input_size)
+        w_x = self._op(self.weight[:, : self.input_size])
+        xt = self._op(x.transpose(0, 1).reshape(steps * batch, self.input_size))
         return torch.addmm(self.bias, xt, w_x.t()).view(steps, batch, -1)
+
+    def _op(self, t: torch.Tensor) -> torch.Tensor:
+        """An operand of a matrix-vector product, at this model's :attr:`precision`."""
+        return operand(t, self.precision)
+
+    def _out(self, h: torch.Tensor) -> torch.Tensor:
+        """The output layer's product (noise-free logits)."""
+        if self.precision == "fp32":
+            return self.fc(h)
+        return torch.nn.functional.linear(self._op(h), self._op(self.fc.weight), self.fc.bias)
 
     def inline_projection(self, x: torch.Tensor, xp: torch.Tensor):
         """For many noisy passes over one batch (evaluation's cells): what lets the compiled
@@ -129,7 +143,7 @@ class NoisyRecurrent(nn.Module):
         from dni import kernels
 
         lib = kernels.library()
-        return None if lib is None else kernels.inline_projection(lib, x, self.weight[:, :2], self.bias, xp)
+        return None if lib is None else kernels.inline_projection(lib, self._op(x), self._op(self.weight[:, :2]), self.bias, xp)
 
     def site_names(self) -> tuple[str, ...]:
         """The noise sites of this architecture: its gate products and ``out``."""
@@ -189,7 +203,7 @@ class NoisyRecurrent(nn.Module):
         chosen = self.parse_sites(sites)
         if chosen is not None:
             return self._recur_sites(xp, noise, generator, observer, chosen)
-        w_h = self.weight[:, self.input_size :]
+        w_h = self._op(self.weight[:, self.input_size :])
         batch = xp.shape[1]
         # The compiled path here is for inference; training runs it from forward() with the
         # input projection folded in (fused_layer_train).
@@ -207,28 +221,30 @@ class NoisyRecurrent(nn.Module):
             with torch_single_threaded():
                 h = xp.new_zeros(batch, self.hidden_size)
                 c = xp.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
-                fused_recurrence(lib, self.arch, xp, w_h, h, c, generator.key, starts, sigma, threads=threads, inline=inline)
-                return noise(self.fc(h), generator)
+                w_h16 = w_h.to(torch.bfloat16) if self.precision == "bf16" else None
+                fused_recurrence(lib, self.arch, xp, w_h, h, c, generator.key, starts, sigma, threads=threads, inline=inline,
+                                 w_h16=w_h16)
+                return noise(self._out(h), generator)
         h = xp.new_zeros(batch, self.hidden_size)
         c = xp.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
         for t, xp_t in enumerate(xp.unbind(0)):
             # Eq. (2): g(W·[x_t, h_{t-1}] + b + z), one draw per pre-activation element.
-            pre = noise(torch.addmm(xp_t, h, w_h.t()), generator)
+            pre = noise(torch.addmm(xp_t, self._op(h), w_h.t()), generator)
             h, c = self.step(pre, c)
             if observer is not None:
                 observer(t, h, c)
-        return noise(self.fc(h), generator)
+        return noise(self._out(h), generator)
 
     def _recur_sites(self, xp, noise, generator, observer, sites):
-        w_h = self.weight[:, self.input_size :]
+        w_h = self._op(self.weight[:, self.input_size :])
         h = xp.new_zeros(xp.shape[1], self.hidden_size)
         c = xp.new_zeros(xp.shape[1], self.hidden_size) if self.arch == "lstm" else None
         for t, xp_t in enumerate(xp.unbind(0)):
-            pre = self._noisy(torch.addmm(xp_t, h, w_h.t()), noise, generator, sites, self.gate_names)
+            pre = self._noisy(torch.addmm(xp_t, self._op(h), w_h.t()), noise, generator, sites, self.gate_names)
             h, c = self.step(pre, c)
             if observer is not None:
                 observer(t, h, c)
-        return self._noisy(self.fc(h), noise, generator, sites, ("out",))
+        return self._noisy(self._out(h), noise, generator, sites, ("out",))
 
     def step(self, pre: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Element-wise part of one cell: pre-activations -> (h_t, c_t)."""
@@ -243,7 +259,8 @@ class NoisyRecurrent(nn.Module):
         sites: str | None = None,
     ) -> torch.Tensor:
         """Noisy logits for inputs of shape (batch, steps, input_size)."""
-        if observer is None and self.parse_sites(sites) is None and torch.is_grad_enabled() and self.weight.requires_grad:
+        trains = torch.is_grad_enabled() and self.weight.requires_grad
+        if observer is None and self.parse_sites(sites) is None and trains and self.precision == "fp32":
             fused = _fused_kernel(self, noise, generator, x)
             if fused is not None:  # training on CPU: the compiled layer with its hand-written backward
                 from dni.kernels import fused_layer_train
@@ -294,7 +311,8 @@ def _fused_kernel(model: NoisyRecurrent, noise: NoiseModel, generator, xp: torch
     It applies on CPU in fp32 with additive Gaussian noise from a Philox stream, in
     inference and in training (with a hand-written backward): it computes the same
     pre-activation + noise and gate maths as :meth:`NoisyRecurrent.step`, drawing the
-    same samples, in one pass over memory.
+    same samples, in one pass over memory. At bf16 precision it needs the BLAS's bf16
+    GEMM (``lib.bf16``).
     """
     from dni import kernels
     from dni.noise import AdditiveGaussian, PhiloxGenerator
@@ -306,7 +324,9 @@ def _fused_kernel(model: NoisyRecurrent, noise: NoiseModel, generator, xp: torch
     if type(model).step not in (NoisyLSTM.step, NoisyRNN.step):
         return None  # a subclass with its own cell maths
     lib = kernels.library()
-    return None if lib is None else (lib, float(noise.sigma))
+    if lib is None or (model.precision != "fp32" and not lib.bf16):
+        return None
+    return lib, float(noise.sigma)
 
 
 class NoisyGRU(NoisyRecurrent):
@@ -329,19 +349,20 @@ class NoisyGRU(NoisyRecurrent):
     def recur(self, xp, noise, generator=None, observer=None, sites=None, inline=None):
         chosen = self.parse_sites(sites)
         hs = self.hidden_size
-        w_h = self.weight[:, self.input_size :]
+        w_h = self._op(self.weight[:, self.input_size :])
         w_ru, w_nh = w_h[: 2 * hs], w_h[2 * hs :]
         h = xp.new_zeros(xp.shape[1], hs)
         for t, xp_t in enumerate(xp.unbind(0)):
-            ru = self._noisy(torch.addmm(xp_t[:, : 2 * hs], h, w_ru.t()), noise, generator, chosen, ("r", "u"))
+            h_op = self._op(h)
+            ru = self._noisy(torch.addmm(xp_t[:, : 2 * hs], h_op, w_ru.t()), noise, generator, chosen, ("r", "u"))
             r, u = torch.sigmoid(ru).chunk(2, dim=1)
             n_x = self._noisy(xp_t[:, 2 * hs :].clone(), noise, generator, chosen, ("nx",))  # clone: xp is shared
-            n_h = self._noisy(h @ w_nh.t(), noise, generator, chosen, ("nh",))
+            n_h = self._noisy(h_op @ w_nh.t(), noise, generator, chosen, ("nh",))
             n = torch.tanh(n_x + r * n_h)
             h = (1 - u) * n + u * h
             if observer is not None:
                 observer(t, h, None)
-        return self._noisy(self.fc(h), noise, generator, chosen, ("out",))
+        return self._noisy(self._out(h), noise, generator, chosen, ("out",))
 
 
 _MODELS: dict[str, type[NoisyRecurrent]] = {"lstm": NoisyLSTM, "rnn": NoisyRNN, "gru": NoisyGRU}

@@ -20,6 +20,7 @@ from dni.data import DATASETS, STROKE_REPRS
 from dni.errors import SpecError
 from dni.models import ARCHS, INITS
 from dni.noise import RNGS, WEIGHT_NOISE_MODES, check_noise_kind, check_sigma
+from dni.precision import check_precision
 
 SPEC_VERSION = 1
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -145,7 +146,7 @@ class TrainSpec:
 
 LATER_FIELDS = {"sites": "all", "init": "torch", "rng": "torch"}
 #: EvalSpec fields added after version 1, left out of sweep ids while at these defaults.
-LATER_EVAL_FIELDS = {"sites": "all", "weight_noise": 0.0, "weight_noise_mode": "absolute"}
+LATER_EVAL_FIELDS = {"sites": "all", "weight_noise": 0.0, "weight_noise_mode": "absolute", "precision": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ class EvalSpec:
     weight_noise: float = 0.0  # programming noise on the weights, redrawn per repeat
     weight_noise_mode: str = "absolute"  # absolute std, or relative to each tensor's max |w|
     sites: str = "all"  # which matrix-vector products are noisy at inference
+    precision: str = "fp32"  # of the matrix-vector products: fp32, or bf16 (changes the numbers; dni.precision)
 
     def __post_init__(self) -> None:
         grid = tuple(canonical_float(check_sigma(s, "sigma_val")) for s in self.sigma_val)
@@ -175,6 +177,7 @@ class EvalSpec:
         _check_choice("generator", self.rng, RNGS)
         object.__setattr__(self, "weight_noise", check_sigma(self.weight_noise, "weight_noise"))
         _check_choice("weight-noise mode", self.weight_noise_mode, WEIGHT_NOISE_MODES)
+        check_precision(self.precision)
         if self.limit_test is not None:
             _check_int("limit_test", self.limit_test, 1)
 
@@ -190,6 +193,8 @@ class EvalSpec:
             protocol.update(weight_noise=self.weight_noise, weight_noise_mode=self.weight_noise_mode)
         if self.sites != "all":
             protocol["sites"] = self.sites
+        if self.precision != "fp32":
+            protocol["precision"] = self.precision
         return protocol
 
     @property

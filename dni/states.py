@@ -16,6 +16,7 @@ import torch
 from dni.data import load_dataset
 from dni.evaluate import cell_seed
 from dni.noise import make_generator, make_noise
+from dni.precision import products_in
 from dni.spec import EvalSpec
 from dni.store import Store, read_csv, write_csv
 
@@ -48,9 +49,10 @@ def record_states(store: Store, model_id: str, ev: EvalSpec, sigma_val: float, d
 
     noise = make_noise(ev.noise, sigma_val)
     gen = make_generator(ev.rng, cell_seed(ev.seed, model_id, sigma_val, 0), device)
-    for start in range(0, len(test), ev.batch_size):
-        x = test.x[start : start + ev.batch_size].to(device)
-        model(x, noise, gen, observer=observe)
+    with products_in(model, ev.precision):
+        for start in range(0, len(test), ev.batch_size):
+            x = test.x[start : start + ev.batch_size].to(device)
+            model(x, noise, gen, observer=observe)
     rows = []
     for name, b in BINS.items():
         if name == "c" and spec.arch != "lstm":

@@ -356,11 +356,37 @@ static sgemm_fn blas_sgemm = NULL;
 
 void dni_set_sgemm(void *fn) { blas_sgemm = (sgemm_fn)fn; }
 
+/* The BLAS's bf16 GEMM with fp32 accumulation and output (MKL's gemm_bf16bf16f32, AMX
+ * where the CPU has it), same argument order as sgemm; for inference in bf16 precision. */
+typedef void (*gemm_bf16_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                             const uint16_t *, const int *, const uint16_t *, const int *, const float *, float *,
+                             const int *);
+static gemm_bf16_fn blas_gemm_bf16 = NULL;
+
+void dni_set_gemm_bf16(void *fn) { blas_gemm_bf16 = (gemm_bf16_fn)fn; }
+
+/* x rounded to bfloat16, to nearest even (torch's rounding for finite x). */
+static inline uint16_t bf16_round(float x) {
+    const uint32_t u = as_uint(x);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 /* out (M, N) = a (M, K) @ w^T, w (N, K) row-major: torch.mm(a, w.t()). */
 static void mm_wt(const float *a, const float *w, float *out, int64_t M, int64_t N, int64_t K) {
     const int m = (int)M, n = (int)N, k = (int)K;
     const float one = 1.0f, zero = 0.0f;
     blas_sgemm("T", "N", &n, &m, &k, &one, w, &k, a, &k, &zero, out, &n);
+}
+
+/* out (M, N) = bf16(a) (M, K) @ w16^T in fp32, w16 (N, K) row-major bfloat16; a16: (M, K)
+ * scratch for the rounded a. */
+static void mm_wt_bf16(const float *a, const uint16_t *w16, uint16_t *a16, float *out, int64_t M, int64_t N,
+                       int64_t K) {
+#pragma omp simd
+    for (int64_t i = 0; i < M * K; i++) a16[i] = bf16_round(a[i]);
+    const int m = (int)M, n = (int)N, k = (int)K;
+    const float one = 1.0f, zero = 0.0f;
+    blas_gemm_bf16("T", "N", &n, &m, &k, &one, w16, &k, a16, &k, &zero, out, &n);
 }
 
 /* out (M, N) = a (M, K) @ w, w (K, N) row-major: torch.mm(a, w). */
@@ -377,17 +403,22 @@ static inline int64_t block_start(int64_t batch, int k, int parts) { return batc
  * the fused step. The input projections come from xp, (steps, batch, R), or where xin is
  * given (LSTM with two inputs) are computed from xin, (steps, batch, 2), and w2 (see
  * lstm_row_gates). hs, cs point at row r0 of the states of step 0; step t's states are
- * sstride floats further (sstride == 0: updated in place, for inference). acts: NULL, or
+ * sstride floats further (sstride == 0: updated in place, for inference). w_h16: NULL (fp32),
+ * or W_h in bfloat16, (R, H): each step's product then takes h rounded to bf16 (into a16,
+ * (m, H) scratch) and accumulates in fp32 (mm_wt_bf16). acts: NULL, or
  * the activated LSTM gates, (steps, batch, 4H), kept for the backward. Inlined into both
  * callers, so that each is specialised for its own sstride and acts. */
 static inline __attribute__((always_inline)) void rows_through_steps(
-    int lstm, const float *xp, const float *xin, const float *w2, const float *w_h, float *hs, float *cs, float *acts,
-    float *mm, int64_t steps, int64_t batch, int64_t r0, int64_t m, int64_t H, int64_t sstride, uint64_t key,
+    int lstm, const float *xp, const float *xin, const float *w2, const float *w_h, const uint16_t *w_h16, uint16_t *a16,
+    float *hs, float *cs, float *acts, float *mm, int64_t steps, int64_t batch, int64_t r0, int64_t m, int64_t H, int64_t sstride, uint64_t key,
     const uint64_t *starts, float sigma) {
     const int64_t R = lstm ? 4 * H : H, per_row = lstm ? H : H / 4; /* stream blocks per row and step */
     for (int64_t t = 0; t < steps; t++) {
         float *h = hs + (t + 1) * sstride;
-        mm_wt(hs + t * sstride, w_h, mm, m, R, H);
+        if (w_h16)
+            mm_wt_bf16(hs + t * sstride, w_h16, a16, mm, m, R, H);
+        else
+            mm_wt(hs + t * sstride, w_h, mm, m, R, H);
         const int inline_x = lstm && xin; /* the RNN always reads xp */
         const float *x = inline_x ? NULL : xp + (t * batch + r0) * R, *x2 = inline_x ? xin + (t * batch + r0) * 2 : NULL;
         const uint64_t start = starts[t] + (uint64_t)(r0 * per_row);
@@ -401,27 +432,28 @@ static inline __attribute__((always_inline)) void rows_through_steps(
 
 /* Rows r0..r1 of a noisy inference pass through all steps, in sub-blocks of `cache_rows`
  * rows (their GEMM output, h and c stay in cache). c is NULL for the RNN. */
-static void recurrence_rows(int lstm, const float *xp, const float *xin, const float *w2, const float *w_h, float *h,
-                            float *c, float *mm,
+static void recurrence_rows(int lstm, const float *xp, const float *xin, const float *w2, const float *w_h,
+                            const uint16_t *w_h16, uint16_t *a16, float *h, float *c, float *mm,
                             int64_t steps, int64_t batch, int64_t r0, int64_t r1, int64_t H, uint64_t key,
                             const uint64_t *starts, float sigma, int64_t cache_rows) {
     for (int64_t b0 = r0; b0 < r1; b0 += cache_rows) {
         const int64_t m = (r1 - b0) < cache_rows ? (r1 - b0) : cache_rows;
-        rows_through_steps(lstm, xp, xin, w2, w_h, h + b0 * H, lstm ? c + b0 * H : NULL, NULL, mm, steps, batch, b0, m,
-                           H, 0, key, starts, sigma);
+        rows_through_steps(lstm, xp, xin, w2, w_h, w_h16, a16, h + b0 * H, lstm ? c + b0 * H : NULL, NULL, mm, steps,
+                           batch, b0, m, H, 0, key, starts, sigma);
     }
 }
 
 /* A whole noisy inference pass. xp: (steps, batch, R) with R = 4H (LSTM) or H (RNN), or
  * (LSTM with two inputs) xin: (steps, batch, 2) and w2: (3, 4H), see lstm_row_gates;
- * w_h: (R, H); h, c: (batch, H), updated (c unused for the RNN); starts[t]: the stream
+ * w_h: (R, H); w_h16: NULL, or W_h in bfloat16 for bf16 products (needs dni_set_gemm_bf16); h, c: (batch, H), updated (c unused for the RNN); starts[t]: the stream
  * block of step t's (batch, R) noise. The batch is cut into `parts` row blocks, and this
  * runs blocks k0..k1-1, each through every step, in parallel (OpenMP: the thread team that
  * torch itself uses; without OpenMP, in turn, and the caller runs blocks on threads of its
  * own). The BLAS must be single-threaded meanwhile. Each row draws its own stream
  * positions, so the result does not depend on the blocks. Returns 0, or -1 if scratch
  * memory ran out. */
-int dni_recurrence(int lstm, const float *xp, const float *xin, const float *w2, const float *w_h, float *h, float *c, int64_t steps, int64_t batch,
+int dni_recurrence(int lstm, const float *xp, const float *xin, const float *w2, const float *w_h, const uint16_t *w_h16,
+                   float *h, float *c, int64_t steps, int64_t batch,
                    int64_t H, uint64_t key, const uint64_t *starts, float sigma, int64_t cache_rows, int k0, int k1,
                    int parts) {
     const int64_t R = lstm ? 4 * H : H;
@@ -429,10 +461,12 @@ int dni_recurrence(int lstm, const float *xp, const float *xin, const float *w2,
 #pragma omp parallel for num_threads(k1 - k0) schedule(static, 1) reduction(|: failed)
     for (int k = k0; k < k1; k++) {
         float *mm = malloc((size_t)(cache_rows * R) * sizeof(float));
-        if (!mm) { failed = 1; continue; }
-        recurrence_rows(lstm, xp, xin, w2, w_h, h, c, mm, steps, batch, block_start(batch, k, parts),
+        uint16_t *a16 = w_h16 ? malloc((size_t)(cache_rows * H) * sizeof(uint16_t)) : NULL;
+        if (!mm || (w_h16 && !a16)) { free(mm); free(a16); failed = 1; continue; }
+        recurrence_rows(lstm, xp, xin, w2, w_h, w_h16, a16, h, c, mm, steps, batch, block_start(batch, k, parts),
                         block_start(batch, k + 1, parts), H, key, starts, sigma, cache_rows);
         free(mm);
+        free(a16);
     }
     return failed ? -1 : 0;
 }
@@ -450,7 +484,7 @@ int dni_train_forward(int lstm, const float *xp, const float *w_h, float *hs, fl
         const int64_t r0 = block_start(batch, k, parts), m = block_start(batch, k + 1, parts) - r0;
         float *mm = malloc((size_t)(m * R) * sizeof(float));
         if (!mm) { failed = 1; continue; }
-        rows_through_steps(lstm, xp, NULL, NULL, w_h, hs + r0 * H, lstm ? cs + r0 * H : NULL, acts, mm, steps, batch, r0, m, H,
+        rows_through_steps(lstm, xp, NULL, NULL, w_h, NULL, NULL, hs + r0 * H, lstm ? cs + r0 * H : NULL, acts, mm, steps, batch, r0, m, H,
                            batch * H, key, starts, sigma);
         free(mm);
     }
@@ -500,6 +534,16 @@ void dni_blas_mm(int w_transposed, const float *a, const float *w, float *out, i
         mm_wt(a, w, out, M, N, K);
     else
         mm_w(a, w, out, M, N, K);
+}
+
+/* out = bf16(a) @ w16^T, as the bf16 loops compute it: for the check of the bf16 GEMM
+ * handed over. Returns -1 if scratch memory ran out, else 0. */
+int dni_blas_mm_bf16(const float *a, const uint16_t *w16, float *out, int64_t M, int64_t N, int64_t K) {
+    uint16_t *a16 = malloc((size_t)(M * K) * sizeof(uint16_t));
+    if (!a16) return -1;
+    mm_wt_bf16(a, w16, a16, out, M, N, K);
+    free(a16);
+    return 0;
 }
 
 /* Elements of xp, (n, 4H), that projection2 does not reproduce bit for bit from x, (n, 2),
