@@ -137,6 +137,15 @@ def _compile_with(flags: list[str]) -> ctypes.CDLL:
     return lib
 
 
+def _torch_symbol(name: str) -> int | None:
+    """Address of a function exported by torch's CPU library, or None."""
+    try:
+        torch_lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        return ctypes.cast(getattr(torch_lib, name), ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
 def _attach_blas(lib: ctypes.CDLL) -> bool:
     """Hand the kernels the BLAS sgemm that torch.mm uses, so that whole recurrences run in C.
 
@@ -145,10 +154,8 @@ def _attach_blas(lib: ctypes.CDLL) -> bool:
     GEMM shapes of the loops; otherwise (another BLAS, another build) the recurrences step
     from Python with torch.mm, as before.
     """
-    try:
-        torch_lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        address = ctypes.cast(torch_lib.sgemm_, ctypes.c_void_p).value
-    except (OSError, AttributeError):
+    address = _torch_symbol("sgemm_")
+    if address is None:
         return False
     lib.dni_set_sgemm(address)
     gen = torch.Generator().manual_seed(0)
@@ -171,10 +178,8 @@ def _attach_gemm_bf16(lib: ctypes.CDLL) -> bool:
     ``--precision bf16``. Used only if, on the shape of the loops, it agrees with the fp32
     product of the rounded operands to within fp32 summation error (its summation order is
     its own, so not bit for bit)."""
-    try:
-        torch_lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        address = ctypes.cast(torch_lib.gemm_bf16bf16f32_, ctypes.c_void_p).value
-    except (OSError, AttributeError):
+    address = _torch_symbol("gemm_bf16bf16f32_")
+    if address is None:
         return False
     lib.dni_set_gemm_bf16(address)
     gen = torch.Generator().manual_seed(0)

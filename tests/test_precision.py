@@ -154,3 +154,21 @@ def test_cli_evaluate_at_bf16(tmp_path, fixture_data):
     assert set(pd.read_csv(tmp_path / "r.csv")["precision"]) == {"bf16"}
     bad = CliRunner().invoke(app, [str(a) for a in [*args, "--precision", "fp8"]])
     assert bad.exit_code != 0 and "unknown precision" in bad.output
+
+
+def test_without_a_bf16_gemm_bf16_takes_the_generic_loop(lib, monkeypatch):
+    from dni import kernels
+
+    monkeypatch.setattr(lib, "bf16", False)
+    torch.manual_seed(4)
+    model = build_model("lstm", 28).eval()
+    x = torch.rand(48, 28, 28)
+    noise = AdditiveGaussian(0.4)
+    with torch.no_grad():
+        with products_in(model, "bf16"):
+            got = model.recur(model.project(x), noise, PhiloxGenerator(2))
+        assert torch.equal(got, _reference(model, x, noise, PhiloxGenerator(2)))
+    h, c = torch.zeros(4, 128), torch.zeros(4, 128)
+    w_h = model.weight[:, 28:].detach()
+    with pytest.raises(ValueError, match="bf16 GEMM"):
+        kernels.fused_recurrence(lib, "lstm", torch.zeros(3, 4, 512), w_h, h, c, 1, [0, 0, 0], 0.0, w_h16=w_h.to(torch.bfloat16))
