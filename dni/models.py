@@ -324,8 +324,8 @@ def _fused_kernel(model: NoisyRecurrent, noise: NoiseModel, generator, xp: torch
     if type(model).step not in (NoisyLSTM.step, NoisyRNN.step):
         return None  # a subclass with its own cell maths
     lib = kernels.library()
-    if lib is None or (model.precision != "fp32" and not lib.bf16):
-        return None
+    if lib is None or not (model.precision == "fp32" or (model.precision == "bf16" and lib.bf16)):
+        return None  # no compiled loop for this precision
     return lib, float(noise.sigma)
 
 
