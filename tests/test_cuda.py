@@ -90,3 +90,22 @@ def test_cli_train_evaluate_and_sweep_on_cuda(fixture_data, tmp_path):
     res = runner.invoke(app, ["sweep", "--arch", "rnn", "--sigma-train", "0,0.5", "--sigma-val", "0,1", "--repeats", "2",
                               "--limit-test", "50", "--device", "cuda", "--jobs", "1", *tiny])
     assert res.exit_code == 0, res.output
+
+
+def test_bf16_precision_on_the_gpu_agrees_with_the_cpu():
+    from dni.precision import products_in
+
+    torch.manual_seed(0)
+    model = build_model("lstm", 28).eval()
+    gpu_model = build_model("lstm", 28).to(CUDA).eval()
+    gpu_model.load_state_dict(model.state_dict())
+    x = torch.rand(64, 28, 28)
+    noise = make_noise("additive", 0.5)
+    with torch.no_grad():
+        fp32_gpu = gpu_model(x.to(CUDA), noise, make_generator("philox", 5, CUDA))
+        with products_in(model, "bf16"), products_in(gpu_model, "bf16"):
+            cpu = model(x, noise, make_generator("philox", 5, "cpu"))
+            gpu = gpu_model(x.to(CUDA), noise, make_generator("philox", 5, CUDA))
+    # bf16 rounding amplifies last-bit differences (dni/precision.py): agreement to ~1e-3
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=5e-3, atol=5e-3)
+    assert not torch.equal(gpu, fp32_gpu)
