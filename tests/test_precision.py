@@ -172,3 +172,21 @@ def test_without_a_bf16_gemm_bf16_takes_the_generic_loop(lib, monkeypatch):
     w_h = model.weight[:, 28:].detach()
     with pytest.raises(ValueError, match="bf16 GEMM"):
         kernels.fused_recurrence(lib, "lstm", torch.zeros(3, 4, 512), w_h, h, c, 1, [0, 0, 0], 0.0, w_h16=w_h.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("arch,inputs,steps", [("lstm", 28, 28), ("lstm", 2, 50), ("rnn", 28, 28)])
+def test_compiled_bf16_loop_does_not_depend_on_the_thread_count(lib, arch, inputs, steps):
+    _needs_bf16_gemm(lib)
+    torch.manual_seed(5)
+    model = build_model(arch, inputs).eval()
+    x = torch.rand(300, steps, inputs)
+    before, outs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad(), products_in(model, "bf16"):
+                xp = model.project(x)
+                outs.append(model.recur(xp, AdditiveGaussian(0.5), PhiloxGenerator(1), inline=model.inline_projection(x, xp)))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
