@@ -260,12 +260,12 @@ def status_cli(store: StoreOpt = Path("store")):
         st = Store(store)
         sweeps = registered(st)
         table = Table(title=f"sweeps in {st.root}")
-        for col in ("sweep", "arch", "data", "σ_train", "seeds", "models trained", "cells evaluated", "missing"):
+        for col in ("sweep", "arch", "data", "settings", "σ_train", "seeds", "models trained", "cells evaluated", "missing"):
             table.add_column(col)
         for sw in sweeps:
             p = plan(st, sw)
             missing = "nothing" if p.done else f"{len(p.train)} model(s), {p.cells_missing} cell(s)"
-            table.add_row(sw.sweep_id, sw.base.arch, sw.base.data, f"{len(sw.sigma_train)} values", str(len(sw.seeds)),
+            table.add_row(sw.sweep_id, sw.base.arch, sw.base.data, sw.settings(), f"{len(sw.sigma_train)} values", str(len(sw.seeds)),
                           f"{p.models_total - len(p.train)}/{p.models_total}", f"{p.cells_total - p.cells_missing}/{p.cells_total}", missing)
         out.print(table)
         out.print(f"{len(st.model_ids())} model(s) in the store")

@@ -47,6 +47,18 @@ class SweepSpec:
     def model_ids(self) -> list[str]:
         return [s.model_id for s in self.train_specs()]
 
+    def settings(self) -> str:
+        """The spec fields that differ from their defaults, which tell apart sweeps of one
+        architecture and data set: e.g. ``train.rng=philox eval.precision=bf16``."""
+        same_grid = {"arch", "data", "sigma_train", "seed", "sigma_val"}
+        parts = []
+        for name, spec, default in (("train", self.base, TrainSpec(arch=self.base.arch, data=self.base.data)), ("eval", self.eval, EvalSpec())):
+            for f in dataclasses.fields(spec):
+                value = getattr(spec, f.name)
+                if f.name not in same_grid and value != getattr(default, f.name):
+                    parts.append(f"{name}.{f.name}={value:g}" if isinstance(value, float) else f"{name}.{f.name}={value}")
+        return " ".join(parts) or "defaults"
+
     def to_dict(self) -> dict[str, Any]:
         return {"base": self.base.to_dict(), "sigma_train": list(self.sigma_train), "seeds": list(self.seeds),
                 "eval": {**dataclasses.asdict(self.eval), "sigma_val": list(self.eval.sigma_val)}}

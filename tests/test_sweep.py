@@ -142,3 +142,10 @@ def test_a_sweep_registered_twice_is_listed_once(tmp_path):
     other.parent.mkdir(parents=True)
     other.write_text(json.dumps(d))
     assert [s.sweep_id for s in registered(store)] == [SWEEP.sweep_id]
+
+
+def test_settings_name_what_differs_from_the_defaults():
+    plain = SweepSpec(TrainSpec(arch="rnn"), (0.0, 0.5), (0,), EvalSpec())
+    assert plain.settings() == "defaults"
+    other = SweepSpec(TrainSpec(arch="rnn", rng="philox", val_size=20), (0.0,), (0, 1), EvalSpec(repeats=3, precision="bf16", weight_noise=0.05))
+    assert other.settings() == "train.val_size=20 train.rng=philox eval.repeats=3 eval.weight_noise=0.05 eval.precision=bf16"
