@@ -325,12 +325,12 @@ def test_interrupted_download_leaves_nothing(fixture_sources, tmp_path, monkeypa
 
 _values = st.one_of(
     st.integers(-3, 3).map(str), st.floats(allow_nan=True, allow_infinity=True).map(str),
-    st.sampled_from(["", "abc", "0:1:0.5", "1:0:0.1", "0,,1", "lstm", "rnn", "gru", "rows", "strokes", "-1", "nan", "1e309", "../x"]),
+    st.sampled_from(["", "abc", "0:1:0.5", "1:0:0.1", "0,,1", "lstm", "rnn", "gru", "rows", "strokes", "-1", "nan", "1e309", "../x", "bf16", "fp32"]),
 )
 _OPTIONS = {
     "train": ["--arch", "--data", "--sigma-train", "--epochs", "--lr", "--lr-decay", "--grad-clip", "--val-size", "--stroke-repr", "--seed"],
-    "evaluate": ["--sigma-val", "--repeats", "--limit-test", "--seed", "--batch-size", "--rng", "--model"],
-    "sweep": ["--arch", "--data", "--sigma-train", "--sigma-val", "--repeats", "--seeds", "--epochs", "--limit-test", "--rng"],
+    "evaluate": ["--sigma-val", "--repeats", "--limit-test", "--seed", "--batch-size", "--rng", "--model", "--precision"],
+    "sweep": ["--arch", "--data", "--sigma-train", "--sigma-val", "--repeats", "--seeds", "--epochs", "--limit-test", "--rng", "--precision"],
     "describe": ["--arch", "--data", "--hidden-size"],
     "plot": [],
 }
