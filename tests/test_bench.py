@@ -26,7 +26,11 @@ def test_naive_baseline_computes_the_model(arch, inputs):
     torch.testing.assert_close(naive, ours, rtol=1e-4, atol=1e-5)
 
 
-def test_summary_holds_every_goal_ratio(monkeypatch):
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_summary_holds_every_goal_ratio(monkeypatch, fast_bf16):
+    if fast_bf16 and not bench.has_fast_bf16():
+        pytest.skip("the BLAS has no bf16 GEMM here")
+    monkeypatch.setattr(bench, "has_fast_bf16", lambda: fast_bf16)
     calls = []
 
     def once(fn, min_time=1.0, reps=3):
@@ -53,3 +57,13 @@ def test_summary_holds_every_goal_ratio(monkeypatch):
         assert 0 < r["dni"] and 0 < t["dni_autograd"]
     assert result["threads"] == 1
     assert any(line.startswith("lstm strokes") for line in lines)
+    for case in cases:  # bf16: measured where it has its fast path, else null
+        r = result[f"infer_{case}"]
+        if fast_bf16:
+            assert result["bf16_vs_naive"][case] == pytest.approx(r["dni_bf16"] / r["naive"])
+            assert result["bf16_vs_fused"][case] == pytest.approx(r["dni_bf16"] / r["fused"])
+        else:
+            assert r["dni_bf16"] is None and result["bf16_vs_naive"][case] is None
+    assert (result["gemm_peak_bf16_gflops"] is not None) == fast_bf16
+    inference_row = next(line for line in lines if line.startswith("lstm rows"))
+    assert ("n/a" in inference_row) != fast_bf16
