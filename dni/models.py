@@ -222,7 +222,7 @@ class NoisyRecurrent(nn.Module):
                 h = xp.new_zeros(batch, self.hidden_size)
                 c = xp.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
                 w_h16 = w_h.to(torch.bfloat16) if self.precision == "bf16" else None
-                fused_recurrence(lib, self.arch, xp, w_h, h, c, generator.key, starts, sigma, threads=threads, inline=inline,
+                fused_recurrence(lib, self.arch, xp, w_h, h, c, _stream_key(generator), starts, sigma, threads=threads, inline=inline,
                                  w_h16=w_h16)
                 return noise(self._out(h), generator)
         h = xp.new_zeros(batch, self.hidden_size)
@@ -268,7 +268,7 @@ class NoisyRecurrent(nn.Module):
                 self._check_input(x)
                 lib, sigma = fused
                 starts = _stream_starts(generator, x.shape[0] * self.weight.shape[0], x.shape[1], sigma)
-                h = fused_layer_train(lib, self.arch, x, self.weight, self.bias, generator.key, starts, sigma)
+                h = fused_layer_train(lib, self.arch, x, self.weight, self.bias, _stream_key(generator), starts, sigma)
                 return noise(self.fc(h), generator)
         return self.recur(self.project(x), noise, generator, observer, sites)
 
@@ -305,10 +305,16 @@ def _stream_starts(generator, per_step: int, steps: int, sigma: float) -> list[i
     return [generator.take(per_step) if sigma else 0 for _ in range(steps)]
 
 
+def _stream_key(generator) -> int:
+    """The Philox key of ``generator``; 0 for the noise-free pass without one (no draws)."""
+    return 0 if generator is None else generator.key
+
+
 def _fused_kernel(model: NoisyRecurrent, noise: NoiseModel, generator, xp: torch.Tensor):
     """(library, sigma) when the compiled fused step applies, else None.
 
-    It applies on CPU in fp32 with additive Gaussian noise from a Philox stream, in
+    It applies on CPU in fp32 with additive Gaussian noise from a Philox stream (or no
+    noise and no generator: the clean passes of training), in
     inference and in training (with a hand-written backward): it computes the same
     pre-activation + noise and gate maths as :meth:`NoisyRecurrent.step`, drawing the
     same samples, in one pass over memory. At bf16 precision it needs the BLAS's bf16
@@ -317,7 +323,9 @@ def _fused_kernel(model: NoisyRecurrent, noise: NoiseModel, generator, xp: torch
     from dni import kernels
     from dni.noise import AdditiveGaussian, PhiloxGenerator
 
-    if not (isinstance(noise, AdditiveGaussian) and isinstance(generator, PhiloxGenerator)):
+    if not isinstance(noise, AdditiveGaussian):
+        return None
+    if not (isinstance(generator, PhiloxGenerator) or (generator is None and noise.is_noiseless)):
         return None
     if xp.device.type != "cpu" or xp.dtype != torch.float32 or model.hidden_size % 4:
         return None

@@ -261,3 +261,21 @@ def test_loading_the_kernels_keeps_subnormal_floats(lib):
     tiny = np.float32(1e-40)  # subnormal in float32
     assert tiny * np.float32(1.0) != 0
     assert (torch.tensor([1e-40], dtype=torch.float32) * 1.0).item() != 0
+
+
+@pytest.mark.parametrize("arch", ["lstm", "rnn"])
+def test_clean_passes_without_a_generator_take_the_compiled_loop(lib, arch, monkeypatch):
+    """Training's clean accuracy passes (sigma 0, no generator) run the compiled loop, and
+    give what it gives with any Philox generator at sigma 0 (which draws nothing)."""
+    from dni import kernels as kernels_module
+
+    calls = []
+    real = kernels_module.fused_recurrence
+    monkeypatch.setattr(kernels_module, "fused_recurrence", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = build_model(arch, 28).eval()
+    x = torch.rand(100, 28, 28)
+    with torch.no_grad():
+        clean = model(x, AdditiveGaussian(0.0), None)
+        assert calls
+        assert torch.equal(clean, model(x, AdditiveGaussian(0.0), PhiloxGenerator(7)))
