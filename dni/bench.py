@@ -179,8 +179,9 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
     n = 2048 if quick else 4096
     peak = gemm_peak(n)
     result["gemm_peak_gflops"] = peak
-    result["gemm_peak_bf16_gflops"] = gemm_peak(n, torch.bfloat16) if has_fast_bf16() else None
-    bf16_peak = f"{result['gemm_peak_bf16_gflops']:.0f} GFLOP/s" if has_fast_bf16() else "n/a (no bf16 GEMM in the BLAS)"
+    fast_bf16 = has_fast_bf16()
+    result["gemm_peak_bf16_gflops"] = gemm_peak(n, torch.bfloat16) if fast_bf16 else None
+    bf16_peak = f"{result['gemm_peak_bf16_gflops']:.0f} GFLOP/s" if fast_bf16 else "n/a (no bf16 GEMM in the BLAS)"
     log(f"fp32 GEMM peak (F.linear): {peak:.0f} GFLOP/s with {torch.get_num_threads()} thread(s); compiled kernels: {kernels.available()}; "
         f"bf16 GEMM peak: {bf16_peak}")
     log(f"{'shape':16s} {'fused torch':>12s} {'naive noisy':>12s} {'dni noisy':>12s} {'vs fused':>9s} {'vs naive':>9s} {'% peak':>7s} "

@@ -65,6 +65,7 @@ def _run_cells(model, model_id, test, cells, spec, device, on_batch) -> list[int
     noises = [make_noise(spec.noise, s) for s, _ in cells]
     gens = [make_generator(spec.rng, cell_seed(spec.seed, model_id, s, r), device) for s, r in cells]
     correct = torch.zeros(len(cells), dtype=torch.int64, device=device)
+    every_site = model.parse_sites(spec.sites) is None  # else the per-site loop, which reads xp
     if spec.weight_noise:
         # Programming noise: one perturbed copy of the weights per cell (per repeat), so
         # the input projection cannot be shared; cells run one after another.
@@ -83,8 +84,8 @@ def _run_cells(model, model_id, test, cells, spec, device, on_batch) -> list[int
         x = test.x[start : start + spec.batch_size].to(device)
         y = test.y[start : start + spec.batch_size].to(device)
         xp = model.project(x)  # shared by every cell: no noise enters W_x·x + b
-        # strokes: recomputed in the loop, cheaper than read (the per-site loop reads xp)
-        inline = model.inline_projection(x, xp) if model.parse_sites(spec.sites) is None else None
+        # strokes: recomputed in the loop, cheaper than read
+        inline = model.inline_projection(x, xp) if every_site else None
         noiseless = None  # the noise-free pass: the same for every cell without noise (sigma_val = 0)
         for k, (noise, gen) in enumerate(zip(noises, gens)):
             if noise.is_noiseless:
