@@ -181,6 +181,33 @@ def test_row_blocks_across_threads_draw_the_same_noise(lib, loop_mode, arch, mon
     torch.testing.assert_close(fused, generic, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["lstm", "rnn"])
+@pytest.mark.parametrize("nonzero_row", [None, 0, 299])
+def test_first_step_product_is_skipped_only_for_a_zero_state(lib, arch, nonzero_row, monkeypatch):
+    """The C loop skips the first step's GEMM where a sub-block's initial h is all zeros.
+    The result must be the bits of the per-step loop that always multiplies, and a single
+    nonzero row (first or last sub-block of 256 rows) must still be multiplied."""
+    if not lib.blas:
+        pytest.skip("torch's library has no usable sgemm")
+    torch.manual_seed(3)
+    model = build_model(arch, 28).eval()
+    with torch.no_grad():
+        xp = model.project(torch.rand(300, 28, 28))
+        w_h = model.weight[:, 28:]
+        h0 = torch.zeros(300, 128)
+        h0[:, :5] = -0.0  # negative zeros count as zeros
+        if nonzero_row is not None:
+            h0[nonzero_row, 7] = 0.25
+        c0 = torch.zeros(300, 128) if arch == "lstm" else None
+        results = []
+        for blas in (True, False):
+            monkeypatch.setattr(lib, "blas", blas)
+            h, c = h0.clone(), (c0.clone() if c0 is not None else None)
+            kernels.fused_recurrence(lib, arch, xp, w_h, h, c, 11, [k * 300 * 128 for k in range(28)], 0.7, threads=1)
+            results.append(h)
+    assert torch.equal(results[0], results[1])
+
+
 @pytest.mark.parametrize("sigma", [0.0, 0.6])
 def test_stroke_projections_computed_in_the_loop_give_the_same_bits(lib, loop_mode, two_threads, sigma, fixture_data):
     """An LSTM with two inputs computes W_x·x_t + b in the loop instead of reading it: the

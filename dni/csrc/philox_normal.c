@@ -106,17 +106,20 @@ static inline void sincos_2pi(float v, float *c, float *s) {
 }
 
 #ifdef __AVX512F__
-/* Philox4x32-10 of the 16 blocks counter .. counter + 15, two vectors of 8 blocks with each
- * 32-bit word in the low half of a 64-bit lane: one _mm512_mul_epu32 then gives a whole
+/* Philox4x32-10 of the 8 v blocks counter .. counter + 8 v - 1, v vectors of 8 blocks with
+ * each 32-bit word in the low half of a 64-bit lane: one _mm512_mul_epu32 then gives a whole
  * 32 x 32 -> 64-bit product (hi and lo words) without shuffles, and the upper halves, which
  * collect garbage, are never read (the multiply reads low halves, the stores truncate).
+ * The v vectors are independent chains of ten rounds: v = 4 keeps the multiplier busy
+ * while each round waits for the last one's products (~10% faster than v = 2 here).
  * Integer maths only: the same bits as the portable loop below, which gcc vectorises
  * less well. */
-static inline void philox16(uint32_t *r0, uint32_t *r1, uint32_t *r2, uint32_t *r3, uint64_t counter,
-                            uint32_t key0, uint32_t key1) {
+static inline __attribute__((always_inline)) void philox_vectors(uint32_t *r0, uint32_t *r1, uint32_t *r2,
+                                                                 uint32_t *r3, uint64_t counter, uint32_t key0,
+                                                                 uint32_t key1, const int v_count) {
     const __m512i m0 = _mm512_set1_epi64(PHILOX_M0), m1 = _mm512_set1_epi64(PHILOX_M1);
-    __m512i c0[2], c1[2], c2[2], c3[2];
-    for (int v = 0; v < 2; v++) {
+    __m512i c0[4], c1[4], c2[4], c3[4];
+    for (int v = 0; v < v_count; v++) {
         const __m512i cnt = _mm512_add_epi64(_mm512_set1_epi64((long long)counter),
                                              _mm512_setr_epi64(8 * v, 8 * v + 1, 8 * v + 2, 8 * v + 3, 8 * v + 4,
                                                                8 * v + 5, 8 * v + 6, 8 * v + 7));
@@ -128,7 +131,7 @@ static inline void philox16(uint32_t *r0, uint32_t *r1, uint32_t *r2, uint32_t *
     uint32_t k0 = key0, k1 = key1;
     for (int r = 0; r < 10; r++) {
         const __m512i kk0 = _mm512_set1_epi64(k0), kk1 = _mm512_set1_epi64(k1);
-        for (int v = 0; v < 2; v++) {
+        for (int v = 0; v < v_count; v++) {
             const __m512i p0 = _mm512_mul_epu32(c0[v], m0), p1 = _mm512_mul_epu32(c2[v], m1);
             /* 0x96: a ^ b ^ c */
             c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1[v], kk0, 0x96);
@@ -138,7 +141,7 @@ static inline void philox16(uint32_t *r0, uint32_t *r1, uint32_t *r2, uint32_t *
         }
         k0 += PHILOX_W0; k1 += PHILOX_W1;
     }
-    for (int v = 0; v < 2; v++) {
+    for (int v = 0; v < v_count; v++) {
         _mm256_storeu_si256((__m256i *)(r0 + 8 * v), _mm512_cvtepi64_epi32(c0[v]));
         _mm256_storeu_si256((__m256i *)(r1 + 8 * v), _mm512_cvtepi64_epi32(c1[v]));
         _mm256_storeu_si256((__m256i *)(r2 + 8 * v), _mm512_cvtepi64_epi32(c2[v]));
@@ -155,8 +158,10 @@ static inline void normal_blocks(float *restrict z, int m, uint64_t key, uint64_
     float z0[CHUNK], z1[CHUNK], z2[CHUNK], z3[CHUNK];
     int first = 0;
 #ifdef __AVX512F__
-    for (; first + 16 <= m; first += 16)
-        philox16(r0 + first, r1 + first, r2 + first, r3 + first, counter + (uint64_t)first, key0, key1);
+    for (; first + 32 <= m; first += 32)
+        philox_vectors(r0 + first, r1 + first, r2 + first, r3 + first, counter + (uint64_t)first, key0, key1, 4);
+    for (; first + 8 <= m; first += 8)
+        philox_vectors(r0 + first, r1 + first, r2 + first, r3 + first, counter + (uint64_t)first, key0, key1, 1);
 #endif
 #pragma omp simd
     for (int j = first; j < m; j++) {
@@ -396,6 +401,17 @@ static void mm_w(const float *a, const float *w, float *out, int64_t M, int64_t 
     blas_sgemm("N", "N", &n, &m, &k, &one, w, &n, a, &k, &zero, out, &n);
 }
 
+/* Whether x[0..n) are all zeros (either sign). A zero initial state makes the first step's
+ * recurrent product zero: the GEMM would give +-0 in every element, and +0 instead can at
+ * most flip the sign of a pre-activation that is exactly zero, which every gate maps to the
+ * same value (exp_f(+-0) = 1). So skipping the GEMM changes no bit of h, c or the gates. */
+static inline int all_zero(const float *x, int64_t n) {
+    uint32_t bits = 0;
+#pragma omp simd reduction(|: bits)
+    for (int64_t i = 0; i < n; i++) bits |= as_uint(x[i]) & 0x7fffffffu;
+    return bits == 0;
+}
+
 /* First row of block k of `parts` near-equal contiguous blocks of the batch. */
 static inline int64_t block_start(int64_t batch, int k, int parts) { return batch * k / parts; }
 
@@ -415,7 +431,9 @@ static inline __attribute__((always_inline)) void rows_through_steps(
     const int64_t R = lstm ? 4 * H : H, per_row = lstm ? H : H / 4; /* stream blocks per row and step */
     for (int64_t t = 0; t < steps; t++) {
         float *h = hs + (t + 1) * sstride;
-        if (w_h16)
+        if (t == 0 && all_zero(hs, m * H))
+            memset(mm, 0, (size_t)(m * R) * sizeof(float)); /* h_0 = 0: the product is zero, skip the GEMM */
+        else if (w_h16)
             mm_wt_bf16(hs + t * sstride, w_h16, a16, mm, m, R, H);
         else
             mm_wt(hs + t * sstride, w_h, mm, m, R, H);
