@@ -120,7 +120,7 @@ def _compile_with(flags: list[str]) -> ctypes.CDLL:
     lib.dni_set_sgemm.argtypes = [ctypes.c_void_p]
     lib.dni_set_gemm_bf16.argtypes = [ctypes.c_void_p]
     lib.dni_recurrence.argtypes = [i32] + [f32p] * 7 + [i64] * 3 + [u64, u64p, f32, i64, i32, i32, i32]
-    lib.dni_train_forward.argtypes = [i32] + [f32p] * 5 + [i64] * 3 + [u64, u64p, f32, i32, i32, i32]
+    lib.dni_train_forward.argtypes = [i32] + [f32p] * 7 + [i64] * 3 + [u64, u64p, f32, i32, i32, i32]
     lib.dni_train_backward.argtypes = [i32] + [f32p] * 7 + [i64] * 3 + [i32, i32, i32]
     lib.dni_blas_mm.argtypes = [i32] + [f32p] * 3 + [i64] * 3
     lib.dni_blas_mm_bf16.argtypes = [f32p] * 3 + [i64] * 3
@@ -282,13 +282,14 @@ def inline_projection(lib: ctypes.CDLL, x: torch.Tensor, w_x: torch.Tensor, bias
     return InlineProjection(xin, w)
 
 
-def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.Tensor, h: torch.Tensor,
+def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor | None, w_h: torch.Tensor, h: torch.Tensor,
                      c: torch.Tensor | None, key: int, starts: list[int], sigma: float, threads: int | None = None,
                      inline: InlineProjection | None = None, w_h16: torch.Tensor | None = None) -> None:
     """Run the whole noisy recurrence with the compiled step, updating ``h`` (and ``c``) in place.
 
     Args:
-        xp: input projections, (steps, batch, gates·H); w_h: recurrent weights (gates·H, H).
+        xp: input projections, (steps, batch, gates·H), or None with ``inline``;
+            w_h: recurrent weights (gates·H, H).
         starts: the stream position (Philox block) of each step's (batch, gates·H) noise.
         threads: worker threads (default: torch's intra-op thread count).
         inline: for an LSTM with two inputs, their projections computed in the loop
@@ -305,10 +306,12 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
     the same for any split (a test pins the logits for 1 and 2 threads and each way of
     running the blocks).
     """
-    steps, batch, _ = xp.shape
+    if xp is None and (inline is None or arch != "lstm" or not lib.blas):
+        raise ValueError("without xp the compiled loop needs an inline projection (an LSTM, the BLAS attached)")
+    steps, batch = (xp if xp is not None else inline.x).shape[:2]
     hidden = h.shape[1]
     per_row = hidden if arch == "lstm" else hidden // 4  # stream blocks per row and step (4 normals each)
-    xp = xp.contiguous()
+    xp = xp.contiguous() if xp is not None else None
     w_h = w_h.contiguous()
     w_t = w_h.t()
     if w_h16 is not None and not lib.bf16:
@@ -318,8 +321,9 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
         c_ptr = c.data_ptr() if c is not None else 0
         x_ptr, w_ptr = 0, 0
         if inline is not None and arch == "lstm":
-            if inline.x.shape != (steps, batch, 2) or inline.w.shape != (3, xp.shape[2]):
-                raise ValueError(f"inline projection of shape {tuple(inline.x.shape)} does not match xp {tuple(xp.shape)}")
+            if inline.x.shape != (steps, batch, 2) or inline.w.shape != (3, w_h.shape[0]):
+                raise ValueError(f"inline projection of shape {tuple(inline.x.shape)}, {tuple(inline.w.shape)} does not "
+                                 f"match {steps} steps, batch {batch} and W_h {tuple(w_h.shape)}")
             x_ptr, w_ptr = inline.x.data_ptr(), inline.w.data_ptr()
         w16_ptr = 0
         if w_h16 is not None:
@@ -328,7 +332,7 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor, w_h: torch.T
                 raise ValueError(f"w_h16 must be w_h {tuple(w_h.shape)} in bfloat16, got {w_h16.dtype} {tuple(w_h16.shape)}")
             w16_ptr = w_h16.data_ptr()
         _c_row_blocks(lib, lambda k0, k1, parts: lib.dni_recurrence(
-            int(arch == "lstm"), xp.data_ptr(), x_ptr, w_ptr, w_h.data_ptr(), w16_ptr, h.data_ptr(), c_ptr, steps, batch, hidden, key, starts_c,
+            int(arch == "lstm"), xp.data_ptr() if xp is not None else 0, x_ptr, w_ptr, w_h.data_ptr(), w16_ptr, h.data_ptr(), c_ptr, steps, batch, hidden, key, starts_c,
             sigma, CACHE_ROWS, k0, k1, parts), batch, threads)
         return
 
@@ -404,23 +408,28 @@ def _on_threads(parts: int, fn: Callable[[int], object]) -> list:
     return [fn(0), *(f.result() for f in futures)]
 
 
-def _train_forward(lib: ctypes.CDLL, lstm: bool, xp: torch.Tensor, w_h: torch.Tensor, key: int, starts: list[int],
-                   sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _train_forward(lib: ctypes.CDLL, lstm: bool, xp: torch.Tensor | None, w_h: torch.Tensor, key: int, starts: list[int],
+                   sigma: float, inline: InlineProjection | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The noisy recurrence over ``xp`` (steps, batch, R) with contiguous ``w_h`` (R, H),
     keeping what the backward needs: the states hs, cs (steps + 1, batch, H; row 0 zeros)
-    and the activated LSTM gates acts (steps, batch, 4H)."""
-    steps, batch, rows = xp.shape
-    hidden = w_h.shape[1]
-    hs = xp.new_empty(steps + 1, batch, hidden)  # every row but the first is written below
-    cs = xp.new_empty(steps + 1, batch, hidden) if lstm else xp.new_empty(0)
+    and the activated LSTM gates acts (steps, batch, 4H). With ``inline`` (an LSTM with two
+    inputs, and the BLAS attached) the loop computes the projections itself and ``xp`` may
+    be None."""
+    steps, batch, _ = inline.x.shape if inline is not None else xp.shape
+    rows, hidden = w_h.shape
+    ref = inline.x if inline is not None else xp
+    hs = ref.new_empty(steps + 1, batch, hidden)  # every row but the first is written below
+    cs = ref.new_empty(steps + 1, batch, hidden) if lstm else ref.new_empty(0)
     hs[0].zero_()
     if lstm:
         cs[0].zero_()
-    acts = xp.new_empty(steps, batch, rows) if lstm else xp.new_empty(0)
+    acts = ref.new_empty(steps, batch, rows) if lstm else ref.new_empty(0)
     if lib.blas:  # the rows split over threads, each block through every step in one call
         starts_c = (ctypes.c_uint64 * steps)(*starts)
+        x_ptr, w2_ptr = (inline.x.data_ptr(), inline.w.data_ptr()) if inline is not None else (0, 0)
+        xp_ptr = xp.data_ptr() if xp is not None else 0
         _c_row_blocks(lib, lambda k0, k1, parts: lib.dni_train_forward(
-            int(lstm), xp.data_ptr(), w_h.data_ptr(), hs.data_ptr(), cs.data_ptr(), acts.data_ptr(), steps, batch,
+            int(lstm), xp_ptr, x_ptr, w2_ptr, w_h.data_ptr(), hs.data_ptr(), cs.data_ptr(), acts.data_ptr(), steps, batch,
             hidden, key, starts_c, sigma, k0, k1, parts), batch, None)
         return hs, cs, acts
     w_t = w_h.t()
@@ -433,6 +442,43 @@ def _train_forward(lib: ctypes.CDLL, lstm: bool, xp: torch.Tensor, w_h: torch.Te
         else:
             lib.dni_rnn_step(mm.data_ptr(), xp[t].data_ptr(), hs[t + 1].data_ptr(), batch, hidden, key, starts[t], sigma)
     return hs, cs, acts
+
+
+#: Whether passes over batches used once (training steps, training's accuracy passes)
+#: compute the projections of a two-input LSTM in the loop, checked once per shape (see
+#: :func:`projection_or_inline`); False: they read torch's projections.
+SHAPE_CHECKED_INLINE = True
+#: (rows, columns) of a projection -> whether the loop's formula gave torch.addmm's bits for
+#: the first batch of that shape in this process.
+_inline_checked: dict[tuple[int, int], bool] = {}
+
+
+def projection_or_inline(lib: ctypes.CDLL, xt: torch.Tensor, w_x: torch.Tensor, bias: torch.Tensor, steps: int,
+                         batch: int) -> tuple[torch.Tensor | None, InlineProjection | None]:
+    """The input projections of a batch that is used once, for the compiled loops of an
+    LSTM layer with two inputs (pen strokes): ``(None, inline)``, the loop then computes them,
+    or ``(xp, None)``, torch's ``addmm(bias, xt, w_x^T)`` as (steps, batch, 4H).
+
+    ``xt``: the inputs, (steps * batch, 2), contiguous. The projections of a training batch
+    of 128 take 13 MB, and those of a batch of 1,000 100 MB, which addmm writes twice and
+    the loop reads back, against 50 KB and 0.4 MB of inputs. The loop's formula is used
+    only where it reproduces torch.addmm bit for bit: checked as :func:`inline_projection`
+    checks it, but once per shape and process, not at every batch (a batch used once would
+    pay for the check what it saves; the BLAS computes one shape the same way every time).
+    """
+    rows = w_x.shape[0]
+    if not (SHAPE_CHECKED_INLINE and lib.blas and xt.shape[1] == 2 and xt.is_contiguous()):
+        return torch.addmm(bias, xt, w_x.t()).view(steps, batch, rows), None
+    w2 = torch.stack([w_x[:, 0], w_x[:, 1], bias]).detach().contiguous()
+    shape = (steps * batch, rows)
+    if shape not in _inline_checked:
+        xp = torch.addmm(bias, xt, w_x.t())
+        _inline_checked[shape] = not lib.dni_projection2_mismatches(xt.data_ptr(), w2.data_ptr(), xp.data_ptr(),
+                                                                    steps * batch, rows)
+        return xp.view(steps, batch, rows), None
+    if not _inline_checked[shape]:
+        return torch.addmm(bias, xt, w_x.t()).view(steps, batch, rows), None
+    return None, InlineProjection(xt.detach().view(steps, batch, 2), w2)
 
 
 def _train_backward(lib: ctypes.CDLL, lstm: bool, w_h: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor,
@@ -479,12 +525,14 @@ class _NoisyLayerTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lib, arch, key, starts, sigma):
         batch, steps, inputs = x.shape
-        rows = weight.shape[0]
-        xt = x.transpose(0, 1).reshape(steps * batch, inputs)
-        xp = torch.addmm(bias, xt, weight[:, :inputs].t()).view(steps, batch, rows)
+        xt = x.transpose(0, 1).reshape(steps * batch, inputs).contiguous()
         w_h = weight[:, inputs:].contiguous()  # a column slice of W: copied once, not at every GEMM
         lstm = arch == "lstm"
-        hs, cs, acts = _train_forward(lib, lstm, xp, w_h, key, starts, sigma)
+        if lstm and inputs == 2:
+            xp, inline = projection_or_inline(lib, xt, weight[:, :inputs], bias, steps, batch)
+        else:
+            xp, inline = torch.addmm(bias, xt, weight[:, :inputs].t()).view(steps, batch, -1), None
+        hs, cs, acts = _train_forward(lib, lstm, xp, w_h, key, starts, sigma, inline)
         ctx.lib, ctx.lstm, ctx.threads = lib, lstm, torch.get_num_threads()
         ctx.save_for_backward(xt, weight, w_h, hs, cs, acts)
         return hs[-1].clone()

@@ -192,6 +192,8 @@ class NoisyRecurrent(nn.Module):
 
         Args:
             xp: output of :meth:`project`, shape (steps, batch, gates·H). Not modified.
+                None with ``inline`` where the compiled loop applies: it then never reads
+                the projections.
             noise: noise model applied after each matrix-vector product.
             generator: source of the noise draws (``None``: torch's global generator).
             observer: optional callback receiving each step's states.
@@ -203,24 +205,29 @@ class NoisyRecurrent(nn.Module):
         chosen = self.parse_sites(sites)
         if chosen is not None:
             return self._recur_sites(xp, noise, generator, observer, chosen)
+        if xp is None and inline is None:
+            raise ValueError("recur without xp needs the compiled loop and an inline projection")
         w_h = self._op(self.weight[:, self.input_size :])
-        batch = xp.shape[1]
+        ref = xp if xp is not None else inline.x  # (steps, batch, ...)
+        steps, batch = ref.shape[:2]
         # The compiled path here is for inference; training runs it from forward() with the
         # input projection folded in (fused_layer_train).
-        needs_grad = torch.is_grad_enabled() and (xp.requires_grad or w_h.requires_grad)
-        fused = None if observer is not None or needs_grad else _fused_kernel(self, noise, generator, xp)
+        needs_grad = torch.is_grad_enabled() and (ref.requires_grad or w_h.requires_grad)
+        fused = None if observer is not None or needs_grad else _fused_kernel(self, noise, generator, ref)
+        if xp is None and fused is None:
+            raise ValueError("recur without xp needs the compiled loop (CPU, fp32 or bf16, Philox or no noise)")
         if fused is not None:
             from dni.kernels import fused_recurrence, torch_single_threaded
 
             lib, sigma = fused
-            starts = _stream_starts(generator, batch * w_h.shape[0], xp.shape[0], sigma)
+            starts = _stream_starts(generator, batch * w_h.shape[0], steps, sigma)
             threads = torch.get_num_threads()
             # The whole pass runs with torch single-threaded and dni's own threads doing the
             # recurrence: any multi-threaded torch op here (even zero-filling h) would wake
             # torch's OpenMP team, which then spins on the core that dni's other thread uses.
             with torch_single_threaded():
-                h = xp.new_zeros(batch, self.hidden_size)
-                c = xp.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
+                h = ref.new_zeros(batch, self.hidden_size)
+                c = ref.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
                 w_h16 = w_h.to(torch.bfloat16) if self.precision == "bf16" else None
                 fused_recurrence(lib, self.arch, xp, w_h, h, c, _stream_key(generator), starts, sigma, threads=threads, inline=inline,
                                  w_h16=w_h16)
@@ -270,7 +277,25 @@ class NoisyRecurrent(nn.Module):
                 starts = _stream_starts(generator, x.shape[0] * self.weight.shape[0], x.shape[1], sigma)
                 h = fused_layer_train(lib, self.arch, x, self.weight, self.bias, _stream_key(generator), starts, sigma)
                 return noise(self.fc(h), generator)
+        if observer is None and not torch.is_grad_enabled() and self.parse_sites(sites) is None:
+            xp, inline = self._projection_or_inline(x, noise, generator)
+            return self.recur(xp, noise, generator, sites=sites, inline=inline)
         return self.recur(self.project(x), noise, generator, observer, sites)
+
+    def _projection_or_inline(self, x: torch.Tensor, noise: NoiseModel, generator):
+        """For a pass over a batch used once (training's accuracy passes): ``(None, inline)``
+        where the compiled loop can compute a two-input LSTM's projections itself with the
+        bits of :meth:`project` (checked once per shape, see
+        :func:`dni.kernels.projection_or_inline`), else ``(project(x), None)``."""
+        if (self.arch != "lstm" or self.input_size != 2 or type(self).step is not NoisyLSTM.step
+                or self.precision != "fp32" or _fused_kernel(self, noise, generator, x) is None):
+            return self.project(x), None
+        from dni import kernels
+
+        self._check_input(x)
+        batch, steps, _ = x.shape
+        xt = x.transpose(0, 1).reshape(steps * batch, 2).contiguous()
+        return kernels.projection_or_inline(kernels.library(), xt, self.weight[:, :2], self.bias, steps, batch)
 
 
 class NoisyRNN(NoisyRecurrent):

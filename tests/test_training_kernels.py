@@ -46,6 +46,75 @@ def test_fused_training_matches_autograd_over_the_torch_ops(lib, loop_mode, two_
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _spy_projections(monkeypatch):
+    """Record what kernels.projection_or_inline returns: 'xp' (torch's projections) or 'inline'."""
+    seen = []
+    real = kernels.projection_or_inline
+
+    def spy(*args):
+        xp, inline = real(*args)
+        seen.append("inline" if inline is not None else "xp")
+        return xp, inline
+
+    monkeypatch.setattr(kernels, "projection_or_inline", spy)
+    return seen
+
+
+@pytest.mark.parametrize("batch", [150, 88])
+def test_training_steps_of_strokes_compute_projections_in_the_loop_without_changing_a_bit(lib, loop_mode, two_threads,
+                                                                                          batch, monkeypatch):
+    """A training batch of a two-input LSTM has its W_x·x_t + b computed in the loop, checked
+    against torch's addmm on the first batch of each shape: outputs, gradients and stream
+    positions must equal those of reading torch's projections, bit for bit."""
+    monkeypatch.setattr(kernels, "_inline_checked", {})
+    seen = _spy_projections(monkeypatch)
+    torch.manual_seed(0)
+    model = build_model("lstm", 2)
+    xs = [torch.randn(batch, 50, 2) for _ in range(3)]
+    y = torch.randint(0, 10, (batch,))
+    outs, grads, counter = _loss_and_grads(model, xs, y, 0.6)
+    # the first batch of the shape is checked (and read); the others are computed in the loop
+    assert seen == (["xp", "inline", "inline"] if loop_mode != "python" else ["xp"] * 3)
+    monkeypatch.setattr(kernels, "SHAPE_CHECKED_INLINE", False)
+    ref_outs, ref_grads, ref_counter = _loss_and_grads(model, xs, y, 0.6)
+    assert seen[3:] == ["xp"] * 3
+    assert counter == ref_counter
+    assert all(torch.equal(a, b) for a, b in zip(outs, ref_outs))
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.6])
+def test_accuracy_passes_of_strokes_compute_projections_in_the_loop_without_changing_a_bit(lib, loop_mode, sigma,
+                                                                                         monkeypatch):
+    """model(x) without gradients (training's accuracy passes) on a two-input LSTM skips
+    project(x) once the shape is checked; where the check fails, it keeps reading torch's
+    projections. The logits are the same bits in every case."""
+    monkeypatch.setattr(kernels, "_inline_checked", {})
+    seen = _spy_projections(monkeypatch)
+    torch.manual_seed(4)
+    model = build_model("lstm", 2).eval()
+    x = torch.randn(300, 50, 2)
+
+    def logits():
+        with torch.no_grad():
+            return model(x, AdditiveGaussian(sigma), PhiloxGenerator(5) if sigma else None)
+
+    first, second = logits(), logits()
+    assert seen == (["xp", "inline"] if loop_mode != "python" else ["xp", "xp"])
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "SHAPE_CHECKED_INLINE", False)
+        read = logits()
+    assert torch.equal(first, read) and torch.equal(second, read)
+    if loop_mode != "python":  # a formula that misses torch's bits is never used for that shape
+        monkeypatch.setattr(kernels, "_inline_checked", {})
+        monkeypatch.setattr(lib, "dni_projection2_mismatches", lambda *a: 1)
+        del seen[:]
+        assert torch.equal(logits(), read) and torch.equal(logits(), read)
+        assert seen == ["xp", "xp"] and kernels._inline_checked == {(50 * 300, 512): False}
+        with torch.no_grad(), pytest.raises(ValueError, match="needs the compiled loop"):
+            model.recur(None, AdditiveGaussian(0.5), torch.Generator().manual_seed(0))
+
+
 def test_torch_generator_and_restricted_sites_keep_the_autograd_path(lib, monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "fused_layer_train", lambda *a: calls.append(1))

@@ -490,11 +490,12 @@ int dni_recurrence(int lstm, const float *xp, const float *xin, const float *w2,
 }
 
 /* Forward of the compiled training path: hs, cs (steps + 1, batch, H) hold the states (row
- * 0 zeros), acts (steps, batch, 4H) the activated LSTM gates; row blocks as in
- * dni_recurrence. Returns 0, or -1 if scratch memory ran out. */
-int dni_train_forward(int lstm, const float *xp, const float *w_h, float *hs, float *cs, float *acts, int64_t steps,
-                      int64_t batch, int64_t H, uint64_t key, const uint64_t *starts, float sigma, int k0, int k1,
-                      int parts) {
+ * 0 zeros), acts (steps, batch, 4H) the activated LSTM gates; the input projections come
+ * from xp, or (LSTM with two inputs, xin and w2 given) are computed in the loop, as in
+ * dni_recurrence; row blocks as there. Returns 0, or -1 if scratch memory ran out. */
+int dni_train_forward(int lstm, const float *xp, const float *xin, const float *w2, const float *w_h, float *hs,
+                      float *cs, float *acts, int64_t steps, int64_t batch, int64_t H, uint64_t key,
+                      const uint64_t *starts, float sigma, int k0, int k1, int parts) {
     const int64_t R = lstm ? 4 * H : H;
     int failed = 0;
 #pragma omp parallel for num_threads(k1 - k0) schedule(static, 1) reduction(|: failed)
@@ -502,8 +503,8 @@ int dni_train_forward(int lstm, const float *xp, const float *w_h, float *hs, fl
         const int64_t r0 = block_start(batch, k, parts), m = block_start(batch, k + 1, parts) - r0;
         float *mm = malloc((size_t)(m * R) * sizeof(float));
         if (!mm) { failed = 1; continue; }
-        rows_through_steps(lstm, xp, NULL, NULL, w_h, NULL, NULL, hs + r0 * H, lstm ? cs + r0 * H : NULL, acts, mm, steps, batch, r0, m, H,
-                           batch * H, key, starts, sigma);
+        rows_through_steps(lstm, xp, xin, w2, w_h, NULL, NULL, hs + r0 * H, lstm ? cs + r0 * H : NULL, acts, mm, steps, batch, r0,
+                           m, H, batch * H, key, starts, sigma);
         free(mm);
     }
     return failed ? -1 : 0;
