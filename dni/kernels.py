@@ -276,10 +276,15 @@ def inline_projection(lib: ctypes.CDLL, x: torch.Tensor, w_x: torch.Tensor, bias
         return None
     with torch.no_grad():
         xin = x.detach().transpose(0, 1).contiguous()
-        w = torch.stack([w_x[:, 0], w_x[:, 1], bias]).detach().contiguous()
+        w = _two_input_weights(w_x, bias)
     if lib.dni_projection2_mismatches(xin.data_ptr(), w.data_ptr(), xp.data_ptr(), steps * batch, rows):
         return None
     return InlineProjection(xin, w)
+
+
+def _two_input_weights(w_x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``[W_x[:, 0] | W_x[:, 1] | b]``, (3, 4H): the weights of the loop's own projections."""
+    return torch.stack([w_x[:, 0], w_x[:, 1], bias]).detach().contiguous()
 
 
 def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor | None, w_h: torch.Tensor, h: torch.Tensor,
@@ -415,9 +420,9 @@ def _train_forward(lib: ctypes.CDLL, lstm: bool, xp: torch.Tensor | None, w_h: t
     and the activated LSTM gates acts (steps, batch, 4H). With ``inline`` (an LSTM with two
     inputs, and the BLAS attached) the loop computes the projections itself and ``xp`` may
     be None."""
-    steps, batch, _ = inline.x.shape if inline is not None else xp.shape
-    rows, hidden = w_h.shape
     ref = inline.x if inline is not None else xp
+    steps, batch = ref.shape[:2]
+    rows, hidden = w_h.shape
     hs = ref.new_empty(steps + 1, batch, hidden)  # every row but the first is written below
     cs = ref.new_empty(steps + 1, batch, hidden) if lstm else ref.new_empty(0)
     hs[0].zero_()
@@ -466,19 +471,15 @@ def projection_or_inline(lib: ctypes.CDLL, xt: torch.Tensor, w_x: torch.Tensor, 
     checks it, but once per shape and process, not at every batch (a batch used once would
     pay for the check what it saves; the BLAS computes one shape the same way every time).
     """
-    rows = w_x.shape[0]
-    if not (SHAPE_CHECKED_INLINE and lib.blas and xt.shape[1] == 2 and xt.is_contiguous()):
-        return torch.addmm(bias, xt, w_x.t()).view(steps, batch, rows), None
-    w2 = torch.stack([w_x[:, 0], w_x[:, 1], bias]).detach().contiguous()
-    shape = (steps * batch, rows)
-    if shape not in _inline_checked:
-        xp = torch.addmm(bias, xt, w_x.t())
-        _inline_checked[shape] = not lib.dni_projection2_mismatches(xt.data_ptr(), w2.data_ptr(), xp.data_ptr(),
-                                                                    steps * batch, rows)
-        return xp.view(steps, batch, rows), None
-    if not _inline_checked[shape]:
-        return torch.addmm(bias, xt, w_x.t()).view(steps, batch, rows), None
-    return None, InlineProjection(xt.detach().view(steps, batch, 2), w2)
+    shape = (steps * batch, w_x.shape[0])
+    applies = SHAPE_CHECKED_INLINE and lib.blas and xt.shape[1] == 2 and xt.is_contiguous()
+    if applies and _inline_checked.get(shape):
+        return None, InlineProjection(xt.detach().view(steps, batch, 2), _two_input_weights(w_x, bias))
+    xp = torch.addmm(bias, xt, w_x.t())
+    if applies and shape not in _inline_checked:  # the first batch of this shape: check the formula on it
+        w2 = _two_input_weights(w_x, bias)  # held while the kernel reads it
+        _inline_checked[shape] = not lib.dni_projection2_mismatches(xt.data_ptr(), w2.data_ptr(), xp.data_ptr(), *shape)
+    return xp.view(steps, batch, -1), None
 
 
 def _train_backward(lib: ctypes.CDLL, lstm: bool, w_h: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor,
