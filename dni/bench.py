@@ -32,6 +32,7 @@ from dni import kernels
 from dni.memory import keep_freed_memory
 from dni.models import build_model
 from dni.noise import AdditiveGaussian, PhiloxGenerator
+from dni.optim import clip_and_step
 from dni.precision import products_in
 
 SHAPES = {"rows": (28, 28), "strokes": (50, 2)}
@@ -143,8 +144,7 @@ def training(arch: str, data: str, batch: int = 128) -> dict[str, float]:
         loss = F.cross_entropy(model(x, noise, gen), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        clip_and_step(opt, 1.0)  # as dni.train does
 
     philox, torch_gen = PhiloxGenerator(0), torch.Generator().manual_seed(0)
     return {"fused": 1 / _time(step_ref), "dni": 1 / _time(lambda: step_dni(philox)),

@@ -126,14 +126,22 @@ def _compile_with(flags: list[str]) -> ctypes.CDLL:
     lib.dni_blas_mm_bf16.argtypes = [f32p] * 3 + [i64] * 3
     lib.dni_projection2_mismatches.argtypes = [f32p] * 3 + [i64] * 2
     lib.dni_projection2_mismatches.restype = ctypes.c_int64
+    lib.dni_set_vs_sqrt.argtypes = [ctypes.c_void_p]
+    lib.dni_adam_step.argtypes = [f32p] * 4 + [i64] + [f32] * 7
     for fn in (lib.dni_normal, lib.dni_lstm_step, lib.dni_rnn_step, lib.dni_philox4x32_10, lib.dni_lstm_train_fwd,
-               lib.dni_lstm_train_bwd, lib.dni_set_sgemm, lib.dni_set_gemm_bf16, lib.dni_train_backward, lib.dni_blas_mm):
+               lib.dni_lstm_train_bwd, lib.dni_set_sgemm, lib.dni_set_gemm_bf16, lib.dni_train_backward, lib.dni_blas_mm,
+               lib.dni_set_vs_sqrt):
         fn.restype = None
-    for fn in (lib.dni_recurrence, lib.dni_train_forward, lib.dni_openmp, lib.dni_blas_mm_bf16):
+    for fn in (lib.dni_recurrence, lib.dni_train_forward, lib.dni_openmp, lib.dni_blas_mm_bf16, lib.dni_adam_step):
         fn.restype = ctypes.c_int
     lib.blas = _attach_blas(lib)
     lib.bf16 = lib.blas and _attach_gemm_bf16(lib)
     lib.openmp = bool(lib.dni_openmp())
+    # The square root torch.sqrt runs on float tensors here (MKL's vsSqrt, not correctly
+    # rounded), for the compiled optimizer step; dni.optim checks that step against torch's.
+    vs_sqrt = _torch_symbol("vsSqrt")
+    lib.dni_set_vs_sqrt(vs_sqrt)
+    lib.vs_sqrt = vs_sqrt is not None
     return lib
 
 

@@ -577,3 +577,48 @@ int64_t dni_projection2_mismatches(const float *x, const float *w2, const float 
     }
     return bad;
 }
+
+/* ---------------------------------------------------------------- optimizer step
+ *
+ * Gradient-norm clipping and one Adam step of one parameter tensor in two passes over
+ * memory, with the bits of torch 2.x's CPU ops that torch.nn.utils.clip_grad_norm_ and
+ * torch.optim.Adam (single-tensor, no weight decay, no amsgrad) run:
+ *   g *= coef                                  (_foreach_mul_ by the clamped clip coefficient)
+ *   m = fma(w1, g - m, m)                      (exp_avg.lerp_(g, 1 - beta1), weight < 0.5)
+ *   v = fma((1 - beta2) * g, g, v * beta2)     (exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2))
+ *   d = sqrt(v) / bc2sqrt + eps                (sqrt is the BLAS library's vsSqrt, as torch.sqrt's)
+ *   p = p + (neg_step * m) / d                 (param.addcdiv_(m, d, value=-step_size))
+ * Each line is the rounding of torch's kernel, so the compiler must not contract or
+ * reorder anything here: fp-contract is off and the one fused multiply-add is explicit.
+ * dni/optim.py checks the result against torch's step before it uses this. */
+typedef void (*vs_sqrt_fn)(int n, const float *a, float *r); /* MKL's C interface (LP64) */
+static vs_sqrt_fn vs_sqrt = 0;
+void dni_set_vs_sqrt(void *fn) { vs_sqrt = (vs_sqrt_fn)fn; }
+
+#define ADAM_CHUNK 2048 /* elements per vsSqrt call: the chunk stays in L1 between the passes */
+
+__attribute__((optimize("fp-contract=off")))
+int dni_adam_step(float *restrict p, float *restrict g, float *restrict m, float *restrict v, int64_t n, float coef,
+                  float w1, float beta2, float one_m_beta2, float bc2sqrt, float eps, float neg_step) {
+    if (!vs_sqrt) return -1;
+    float root[ADAM_CHUNK];
+    for (int64_t i0 = 0; i0 < n; i0 += ADAM_CHUNK) {
+        const int len = (int)(n - i0 < ADAM_CHUNK ? n - i0 : ADAM_CHUNK);
+        float *pc = p + i0, *gc = g + i0, *mc = m + i0, *vc = v + i0;
+#pragma omp simd
+        for (int i = 0; i < len; i++) {
+            const float gi = gc[i] * coef;
+            gc[i] = gi;
+            mc[i] = __builtin_fmaf(w1, gi - mc[i], mc[i]);
+            const float vi = vc[i] * beta2;
+            vc[i] = __builtin_fmaf(one_m_beta2 * gi, gi, vi);
+        }
+        vs_sqrt(len, vc, root);
+#pragma omp simd
+        for (int i = 0; i < len; i++) {
+            const float d = root[i] / bc2sqrt + eps;
+            pc[i] = pc[i] + (neg_step * mc[i]) / d;
+        }
+    }
+    return 0;
+}
