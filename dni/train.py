@@ -3,9 +3,10 @@ matrix-vector product in every forward pass of training (Section II, Eq. 2).
 
 Recipe (the paper states none; every choice is a :class:`~dni.spec.TrainSpec` field):
 Adam with the learning rate, per-epoch decay and epochs of :data:`~dni.spec.RECIPES`,
-batch 128, gradient norm clipped at 1 (:func:`dni.optim.clip_and_step`), cross-entropy on the noisy logits. The last 5,000
-training digits are held out; the epoch with the best validation accuracy *under the
-training noise* is kept, since the model is meant to run on hardware of that noise level.
+batch 128, gradient norm clipped at 1 (both in :func:`dni.optim.clip_and_step`),
+cross-entropy on the noisy logits. The last 5,000 training digits are held out; the epoch
+with the best validation accuracy *under the training noise* is kept, since the model is
+meant to run on hardware of that noise level.
 
 The training noise comes from torch's generator (``rng="torch"``, the default) or from
 dni's Philox stream (``rng="philox"``). With Philox on CPU the noisy recurrence runs in the
