@@ -203,15 +203,15 @@ def sweep_cli(
     """Train every missing model of a grid and evaluate every missing cell (resumable)."""
     from dni.spec import EvalSpec, TrainSpec, parse_grid
     from dni.store import Store
-    from dni.sweep import SweepSpec, run_sweep
+    from dni.sweep import MAX_MODELS, SweepSpec, run_sweep
 
     with user_errors():
         base = TrainSpec(
             arch=arch, data=data, noise=noise_train, stroke_repr=stroke_repr, hidden_size=hidden_size, epochs=epochs, batch_size=batch_size,
             lr=lr, lr_decay=lr_decay, grad_clip=grad_clip, val_size=val_size, limit_train=limit_train, init=init, rng=train_rng,
         )
-        if seeds < 1:
-            raise SpecError(f"--seeds must be >= 1, got {seeds}")
+        if not 1 <= seeds <= MAX_MODELS:
+            raise SpecError(f"--seeds must be between 1 and {MAX_MODELS:,}, got {seeds}")
         ev = EvalSpec(sigma_val=parse_grid(sigma_val, "--sigma-val"), repeats=repeats, limit_test=limit_test,
                       batch_size=eval_batch_size, seed=eval_seed, rng=rng, noise=noise_val,
                       weight_noise=weight_noise, weight_noise_mode=weight_noise_mode, precision=precision)

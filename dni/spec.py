@@ -37,6 +37,12 @@ def canonical_float(value: float) -> float:
     return float(round(Decimal(repr(value)), 10))
 
 
+# The (sigma_val, repeat) cells of one model or sweep are planned in memory, a few hundred
+# bytes each: larger grids are refused before anything runs, rather than left to exhaust
+# the memory (split them). The paper's grid is 11 x 40 cells per model, 4,840 per sweep.
+MAX_CELLS = 1_000_000
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SpecError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -171,6 +177,9 @@ class EvalSpec:
             raise SpecError("sigma_val grid is empty")
         object.__setattr__(self, "sigma_val", tuple(dict.fromkeys(grid)))
         _check_int("repeats", self.repeats, 1)
+        if len(self.sigma_val) * self.repeats > MAX_CELLS:
+            raise SpecError(f"{len(self.sigma_val)} sigma_val values x {self.repeats:,} repeats is more than the "
+                            f"{MAX_CELLS:,} cells dni plans at once; split the grid")
         _check_int("batch_size", self.batch_size, 1)
         _check_int("seed", self.seed, 0)
         check_noise_kind(self.noise)

@@ -23,9 +23,13 @@ from typing import Any
 
 import pandas as pd
 
+from dni.errors import SpecError
 from dni.evaluate import collect, missing_cells, summarize, summarize_seeds
-from dni.spec import LATER_EVAL_FIELDS, LATER_FIELDS, EvalSpec, TrainSpec, canonical_json
+from dni.spec import LATER_EVAL_FIELDS, LATER_FIELDS, MAX_CELLS, EvalSpec, TrainSpec, canonical_json
 from dni.store import Store, atomic_write, write_csv
+
+
+MAX_MODELS = 10_000  # per sweep, with at most MAX_CELLS cells in all (see dni.spec)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,11 @@ class SweepSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sigma_train", tuple(dict.fromkeys(dataclasses.replace(self.base, sigma_train=s).sigma_train for s in self.sigma_train)))
         object.__setattr__(self, "seeds", tuple(dict.fromkeys(int(s) for s in self.seeds)))
+        models = len(self.sigma_train) * len(self.seeds)
+        cells = models * len(self.eval.sigma_val) * self.eval.repeats
+        if models > MAX_MODELS or cells > MAX_CELLS:
+            raise SpecError(f"a sweep of {models:,} models and {cells:,} (sigma_val, repeat) cells is larger than dni plans "
+                            f"at once ({MAX_MODELS:,} models, {MAX_CELLS:,} cells); split it into several sweeps")
 
     def train_specs(self) -> list[TrainSpec]:
         return [dataclasses.replace(self.base, sigma_train=s, seed=k) for s in self.sigma_train for k in self.seeds]

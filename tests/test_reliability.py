@@ -355,6 +355,33 @@ def _address_space_cap(extra: int):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+class _Hung(BaseException):
+    """Raised in a fuzzed command that runs too long: a BaseException, so that neither the
+    CLI's error handling nor the test runner's catches it, and the test fails with it."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, what):
+    """Fail with ``what`` if the block takes longer than ``seconds``: a fuzzed input that
+    makes dni hang then fails this test with its arguments instead of stalling the run."""
+
+    def expire(signum, frame):
+        raise _Hung(f"still running after {seconds:.0f} s: {what}")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_the_fuzz_time_limit_stops_a_hang():
+    with pytest.raises(_Hung, match="sleeping"), _time_limit(0.2, "sleeping"):
+        time.sleep(5)
+
+
 def _ran_out_of_memory(res) -> bool:
     return isinstance(res.exception, MemoryError) or "allocate" in res.output.lower()
 
@@ -382,7 +409,7 @@ def test_cli_fuzz_never_crashes(command, data, fixture_data, tmp_path_factory):
     if _OPTIONS[command]:
         for opt in data.draw(st.lists(st.sampled_from(_OPTIONS[command]), max_size=4, unique=True)):
             args += [opt, data.draw(_values)]
-    with _address_space_cap(4 << 30):
+    with _address_space_cap(4 << 30), _time_limit(120, args):
         res = runner.invoke(app, args)
     assert not _ran_out_of_memory(res), (args, "needed more than 4 GiB", res.output[-500:])
     if res.exit_code != 0:
@@ -410,3 +437,16 @@ def test_killing_the_driver_stops_its_workers(tmp_path, real_data):
     time.sleep(5)
     alive = [p for p in workers if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
     assert alive == [], f"workers {alive} outlived their driver"
+
+
+def test_grids_too_large_to_plan_are_refused_before_anything_runs(tmp_path):
+    """A sweep or evaluation grid beyond what dni plans in memory is a clean error."""
+    store = tmp_path / "store"
+    for args, needle in (
+        (["sweep", "--seeds", "13161240", "--store", str(store)], "--seeds must be between 1 and 10,000"),
+        (["sweep", "--sigma-train", "0:1:0.001", "--seeds", "20", "--store", str(store)], "20,020 models"),
+        (["sweep", "--repeats", "300000", "--sigma-val", "0,1", "--sigma-train", "0,1", "--store", str(store)], "1,200,000"),
+        (["evaluate", "--model", "x", "--repeats", "200000", "--store", str(store)], "split the grid"),
+    ):
+        clean_error(runner.invoke(app, args), needle)
+    assert not store.exists() or not any(store.rglob("sweep.json"))
