@@ -99,7 +99,7 @@ static inline void sincos_2pi(float v, float *c, float *s) {
     float sp = ((-1.9515295891e-4f * a2 + 8.3321608736e-3f) * a2 - 1.6666654611e-1f) * a2 * a + a;
     float cp = ((2.443315711809948e-5f * a2 - 1.388731625493765e-3f) * a2 + 4.166664568298827e-2f) * a2 * a2 - 0.5f * a2 + 1.0f;
     uint32_t q = (uint32_t)(int)qn;
-    /* quadrant q: (cos, sin) = (cp, sp), (-sp, cp), (-cp, -sp), (sp, -cp) */
+    /* quadrant q: (cos, sin) = (cp, sp), (-sp, cp), (-cp, -sp), (sp, -cp); q = 4 (v near 1) is 0 */
     float x = (q & 1) ? sp : cp, y = (q & 1) ? cp : sp;
     *c = as_float(as_uint(x) ^ (((q + 1) & 2) << 30));
     *s = as_float(as_uint(y) ^ ((q & 2) << 30));
