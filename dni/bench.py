@@ -15,6 +15,12 @@ Measured side by side in one process (same threads, same shapes):
 It ends with one JSON line of throughputs and ratios: ``noisy_vs_fused`` (goal >= 1),
 ``noisy_vs_naive`` (goal >= 5), ``train_vs_fused`` (goal >= 1), ``frac_of_peak``, and for
 bf16 ``bf16_vs_fused`` and ``bf16_vs_naive`` (null where bf16 has no fast path).
+
+On a GPU (``device="cuda"``) the same measurements run there, each timed call ending with
+a synchronisation: the references are cuDNN's fused ``nn.LSTM``/``nn.RNN``, dni's noise is
+the torch implementation of the same Philox stream, and bf16 (fp32 products of rounded
+operands there) and the processes-against-threads comparison, a CPU question, are left
+out.
 """
 
 from __future__ import annotations
@@ -39,30 +45,60 @@ SHAPES = {"rows": (28, 28), "strokes": (50, 2)}
 H = 128
 
 
+def _round(fn: Callable[[], object], min_time: float) -> float:
+    """Seconds per call of ``fn``, called until ``min_time`` has passed (``fn`` waits for
+    its own work: see :func:`_synced`)."""
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_time:
+            return elapsed / n
+
+
 def _time(fn: Callable[[], object], min_time: float = 1.0, reps: int = 3) -> float:
     """Best seconds per call over ``reps`` rounds of at least ``min_time`` each."""
-    fn()
-    best = float("inf")
+    return _time_all({"fn": fn}, min_time, reps)["fn"]
+
+
+def _time_all(fns: dict[str, Callable[[], object]], min_time: float = 1.0, reps: int = 3) -> dict[str, float]:
+    """Best seconds per call of each function, over ``reps`` rounds that take the functions
+    in turn: a machine that slows down or speeds up for a while (a shared VM does, by 10-20%
+    over seconds) then affects all of them alike, and their ratios stay true."""
+    for fn in fns.values():
+        fn()  # warm-up: first-call allocations, kernel builds, checks
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(reps):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - t0
-            if elapsed >= min_time:
-                break
-        best = min(best, elapsed / n)
+        for name, fn in fns.items():
+            best[name] = min(best[name], _round(fn, min_time))
     return best
 
 
-def gemm_peak(n: int = 4096, dtype: torch.dtype = torch.float32) -> float:
+def _synced(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """``fn``, then a wait for the work it queued on ``device`` (CUDA runs asynchronously)."""
+    if device.type != "cuda":
+        return fn
+
+    def call() -> None:
+        fn()
+        torch.cuda.synchronize(device)
+
+    return call
+
+
+def gemm_peak(n: int = 4096, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> float:
     """GFLOP/s of ``F.linear`` on n x n matrices of ``dtype``."""
-    a, w = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / _time(lambda: F.linear(a, w), 0.5) / 1e9
+    device = torch.device(device)
+    a, w = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    return 2 * n**3 / _time(_synced(lambda: F.linear(a, w), device), 0.5) / 1e9
 
 
-def has_fast_bf16() -> bool:
-    """Whether dni's compiled loop has a bf16 GEMM (see dni.precision)."""
+def has_fast_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether dni's compiled CPU loop has a bf16 GEMM (see dni.precision). On a GPU, bf16
+    runs as fp32 products of rounded operands, which is not meant to be faster."""
+    if torch.device(device).type != "cpu":
+        return False
     lib = kernels.library()
     return lib is not None and bool(lib.bf16)
 
@@ -75,7 +111,7 @@ def naive_noisy(model, x: torch.Tensor, sigma: float, gen: torch.Generator) -> t
     c = torch.zeros_like(h)
     for t in range(x.shape[1]):
         pre = x[:, t] @ w_x.T + h @ w_h.T + model.bias
-        pre = pre + sigma * torch.randn(pre.shape, generator=gen)
+        pre = pre + sigma * torch.randn(pre.shape, generator=gen, device=pre.device)
         if model.arch == "lstm":
             i_, f_, g_, o_ = pre.chunk(4, 1)
             c = torch.sigmoid(f_) * c + torch.sigmoid(i_) * torch.tanh(g_)
@@ -83,7 +119,7 @@ def naive_noisy(model, x: torch.Tensor, sigma: float, gen: torch.Generator) -> t
         else:
             h = torch.tanh(pre)
     logits = model.fc(h)
-    return logits + sigma * torch.randn(logits.shape, generator=gen)
+    return logits + sigma * torch.randn(logits.shape, generator=gen, device=logits.device)
 
 
 def _flops(arch: str, steps: int, inputs: int) -> float:
@@ -92,42 +128,47 @@ def _flops(arch: str, steps: int, inputs: int) -> float:
     return 2 * steps * gates * H * (inputs + H) + 2 * H * 10
 
 
-def inference(arch: str, data: str, batch: int = 1000, cells: int = 8) -> dict[str, float]:
-    """Sequences/s of fused noise-free torch, the naive noisy loop and dni (per noisy pass)."""
+def inference(arch: str, data: str, batch: int = 1000, cells: int = 40, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Sequences/s of fused noise-free torch, the naive noisy loop and dni (per noisy pass).
+
+    dni's passes share one input projection per batch, as the ``cells`` repeats of one
+    (model, sigma_val) point do in an evaluation job (the paper's protocol: 40)."""
+    device = torch.device(device)
     steps, inputs = SHAPES[data]
     torch.manual_seed(0)
-    model = build_model(arch, inputs).eval()
-    x = torch.rand(batch, steps, inputs)
-    ref = (torch.nn.LSTM if arch == "lstm" else torch.nn.RNN)(inputs, H, batch_first=True).eval()
+    model = build_model(arch, inputs).eval().to(device)
+    x = torch.rand(batch, steps, inputs).to(device)
+    ref = (torch.nn.LSTM if arch == "lstm" else torch.nn.RNN)(inputs, H, batch_first=True).eval().to(device)
     noise = AdditiveGaussian(0.5)
-    with torch.no_grad():
-        t_fused = _time(lambda: model.fc(ref(x)[0][:, -1]))
-        gen = torch.Generator().manual_seed(0)
-        t_naive = _time(lambda: naive_noisy(model, x, 0.5, gen))
+    gen = torch.Generator(device).manual_seed(0)
 
-        def dni_cells():  # as in dni.evaluate.run_cells: one projection, many noisy passes
+    def dni_cells(precision: str):  # as in dni.evaluate.run_cells: one projection, many noisy passes
+        with products_in(model, precision):
             xp = model.project(x)
             inline = model.inline_projection(x, xp)
             for k in range(cells):
                 model.recur(xp, noise, PhiloxGenerator(k), inline=inline)
 
-        t_dni = _time(dni_cells) / cells
-        t_bf16 = None
-        if has_fast_bf16():
-            with products_in(model, "bf16"):
-                t_bf16 = _time(dni_cells) / cells
-    return {"fused": batch / t_fused, "naive": batch / t_naive, "dni": batch / t_dni,
+    fns = {"fused": lambda: model.fc(ref(x)[0][:, -1]), "naive": lambda: naive_noisy(model, x, 0.5, gen),
+           "dni": lambda: dni_cells("fp32")}
+    if has_fast_bf16(device):
+        fns["dni_bf16"] = lambda: dni_cells("bf16")
+    with torch.no_grad():
+        t = _time_all({name: _synced(fn, device) for name, fn in fns.items()})
+    t_dni, t_bf16 = t["dni"] / cells, t["dni_bf16"] / cells if "dni_bf16" in t else None
+    return {"fused": batch / t["fused"], "naive": batch / t["naive"], "dni": batch / t_dni,
             "dni_gflops": batch * _flops(arch, steps, inputs) / t_dni / 1e9,
             "dni_bf16": batch / t_bf16 if t_bf16 else None}
 
 
-def training(arch: str, data: str, batch: int = 128) -> dict[str, float]:
+def training(arch: str, data: str, batch: int = 128, device: torch.device | str = "cpu") -> dict[str, float]:
     """Training steps/s (forward + backward + Adam) of fused torch and of dni with noise."""
+    device = torch.device(device)
     steps, inputs = SHAPES[data]
     torch.manual_seed(0)
-    x, y = torch.rand(batch, steps, inputs), torch.randint(0, 10, (batch,))
-    ref = (torch.nn.LSTM if arch == "lstm" else torch.nn.RNN)(inputs, H, batch_first=True)
-    fc = torch.nn.Linear(H, 10)
+    x, y = torch.rand(batch, steps, inputs).to(device), torch.randint(0, 10, (batch,)).to(device)
+    ref = (torch.nn.LSTM if arch == "lstm" else torch.nn.RNN)(inputs, H, batch_first=True).to(device)
+    fc = torch.nn.Linear(H, 10).to(device)
     opt_ref = torch.optim.Adam([*ref.parameters(), *fc.parameters()])
 
     def step_ref():
@@ -136,7 +177,7 @@ def training(arch: str, data: str, batch: int = 128) -> dict[str, float]:
         loss.backward()
         opt_ref.step()
 
-    model = build_model(arch, inputs)
+    model = build_model(arch, inputs).to(device)
     opt = torch.optim.Adam(model.parameters())
     noise = AdditiveGaussian(0.5)
 
@@ -146,9 +187,10 @@ def training(arch: str, data: str, batch: int = 128) -> dict[str, float]:
         loss.backward()
         clip_and_step(opt, 1.0)  # as dni.train does
 
-    philox, torch_gen = PhiloxGenerator(0), torch.Generator().manual_seed(0)
-    return {"fused": 1 / _time(step_ref), "dni": 1 / _time(lambda: step_dni(philox)),
-            "dni_autograd": 1 / _time(lambda: step_dni(torch_gen))}
+    philox, torch_gen = PhiloxGenerator(0), torch.Generator(device).manual_seed(0)
+    fns = {"fused": step_ref, "dni": lambda: step_dni(philox), "dni_autograd": lambda: step_dni(torch_gen)}
+    t = _time_all({name: _synced(fn, device) for name, fn in fns.items()})
+    return {name: 1 / seconds for name, seconds in t.items()}
 
 
 def _worker_throughput(args) -> dict[str, float]:
@@ -170,25 +212,28 @@ def workers(arch: str = "lstm", data: str = "rows") -> dict[str, float]:
             "fused_1x2": one["fused"], "fused_2x1": sum(r["fused"] for r in two)}
 
 
-def run(threads: int | None = None, quick: bool = False, with_workers: bool = True, log=print) -> dict:
-    """Run every measurement; return the JSON-able summary."""
+def run(threads: int | None = None, quick: bool = False, with_workers: bool = True, log=print,
+        device: torch.device | str = "cpu") -> dict:
+    """Run every measurement on ``device``; return the JSON-able summary."""
+    device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
     keep_freed_memory()  # as dni train does; it helps fused torch as much (one process)
-    result: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": kernels.available()}
+    result: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": kernels.available(),
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     n = 2048 if quick else 4096
-    peak = gemm_peak(n)
+    peak = gemm_peak(n, device=device)
     result["gemm_peak_gflops"] = peak
-    fast_bf16 = has_fast_bf16()
-    result["gemm_peak_bf16_gflops"] = gemm_peak(n, torch.bfloat16) if fast_bf16 else None
+    fast_bf16 = has_fast_bf16(device)
+    result["gemm_peak_bf16_gflops"] = gemm_peak(n, torch.bfloat16, device) if fast_bf16 else None
     bf16_peak = f"{result['gemm_peak_bf16_gflops']:.0f} GFLOP/s" if fast_bf16 else "n/a (no bf16 GEMM in the BLAS)"
-    log(f"fp32 GEMM peak (F.linear): {peak:.0f} GFLOP/s with {torch.get_num_threads()} thread(s); compiled kernels: {kernels.available()}; "
-        f"bf16 GEMM peak: {bf16_peak}")
+    log(f"on {result['device']}: fp32 GEMM peak (F.linear): {peak:.0f} GFLOP/s with {torch.get_num_threads()} thread(s); "
+        f"compiled kernels: {kernels.available()}; bf16 GEMM peak: {bf16_peak}")
     log(f"{'shape':16s} {'fused torch':>12s} {'naive noisy':>12s} {'dni noisy':>12s} {'vs fused':>9s} {'vs naive':>9s} {'% peak':>7s} "
         f"{'dni bf16':>10s} {'vs fused':>9s} {'vs naive':>9s}   (sequences/s, batch 1000; bf16 changes the numbers)")
     cases = [("lstm", "rows"), ("lstm", "strokes"), ("rnn", "rows")]
     for arch, data in cases:
-        r = inference(arch, data)
+        r = inference(arch, data, device=device)
         r.update(noisy_vs_fused=r["dni"] / r["fused"], noisy_vs_naive=r["dni"] / r["naive"], frac_of_peak=r["dni_gflops"] / peak)
         bf16 = r["dni_bf16"]
         r.update(bf16_vs_fused=bf16 / r["fused"] if bf16 else None, bf16_vs_naive=bf16 / r["naive"] if bf16 else None)
@@ -199,13 +244,13 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
     log(f"{'shape':16s} {'fused torch':>12s} {'dni noisy':>12s} {'ratio':>9s} {'autograd':>12s} {'ratio':>9s}   "
         "(training steps/s, batch 128; dni: --train-rng philox, autograd: --train-rng torch)")
     for arch, data in cases:
-        r = training(arch, data)
+        r = training(arch, data, device=device)
         r["train_vs_fused"] = r["dni"] / r["fused"]
         r["autograd_vs_fused"] = r["dni_autograd"] / r["fused"]
         result[f"train_{arch}_{data}"] = r
         log(f"{arch + ' ' + data:16s} {r['fused']:12.1f} {r['dni']:12.1f} {r['train_vs_fused']:9.2f} "
             f"{r['dni_autograd']:12.1f} {r['autograd_vs_fused']:9.2f}")
-    if with_workers:
+    if with_workers and device.type == "cpu":
         w = workers()
         result["workers_lstm_rows"] = w
         w["noisy_vs_fused_2x1"] = w["2x1"] / w["fused_2x1"]

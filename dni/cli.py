@@ -424,13 +424,14 @@ def list_cli(store: StoreOpt = Path("store")):
 def bench_cli(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch threads (default: torch's, i.e. all cores).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Smaller GEMM for the peak measurement.")] = False,
-    workers: Annotated[bool, typer.Option("--workers/--no-workers", help="Also compare 2 processes x 1 thread with 1 x 2.")] = True,
+    workers: Annotated[bool, typer.Option("--workers/--no-workers", help="Also compare 2 processes x 1 thread with 1 x 2 (CPU).")] = True,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (cuda when available).")] = "cpu",
 ):
     """Benchmark noisy inference and training against fused torch and a naive noisy loop."""
     from dni.bench import run, summary_line
 
     with user_errors():
-        result = run(threads, quick, workers, log=out.print)
+        result = run(threads, quick, workers, log=out.print, device=resolve_device(device))
         print(summary_line(result))
 
 

@@ -30,15 +30,18 @@ def test_naive_baseline_computes_the_model(arch, inputs):
 def test_summary_holds_every_goal_ratio(monkeypatch, fast_bf16):
     if fast_bf16 and not bench.has_fast_bf16():
         pytest.skip("the BLAS has no bf16 GEMM here")
-    monkeypatch.setattr(bench, "has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(bench, "has_fast_bf16", lambda device="cpu": fast_bf16)
     calls = []
 
-    def once(fn, min_time=1.0, reps=3):
-        calls.append(fn)
-        fn()
-        return 0.01 * len(calls)  # distinct, known times
+    def once(fns, min_time=1.0, reps=3):
+        times = {}
+        for name, fn in fns.items():
+            calls.append(fn)
+            fn()
+            times[name] = 0.01 * len(calls)  # distinct, known times
+        return times
 
-    monkeypatch.setattr(bench, "_time", once)
+    monkeypatch.setattr(bench, "_time_all", once)
     lines, before = [], torch.get_num_threads()
     try:
         result = bench.run(threads=1, quick=True, with_workers=False, log=lines.append)
@@ -67,3 +70,30 @@ def test_summary_holds_every_goal_ratio(monkeypatch, fast_bf16):
     assert (result["gemm_peak_bf16_gflops"] is not None) == fast_bf16
     inference_row = next(line for line in lines if line.startswith("lstm rows"))
     assert ("n/a" in inference_row) != fast_bf16
+
+
+def test_timed_calls_wait_for_the_gpu(monkeypatch):
+    """On CUDA each timed call ends with a synchronisation (the GPU runs asynchronously);
+    on the CPU the function is timed as it is."""
+    fn = lambda: None  # noqa: E731
+    assert bench._synced(fn, torch.device("cpu")) is fn
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    bench._synced(fn, torch.device("cuda", 1))()
+    assert synced == [torch.device("cuda", 1)]
+
+
+def test_rounds_take_the_functions_in_turn_and_keep_each_ones_best(monkeypatch):
+    """Rounds alternate between the functions (a machine that slows down for a while slows
+    all of them), after one warm-up call each; each function keeps its fastest round."""
+    order = []
+    slow = {"a": [5.0, 1.0, 3.0], "b": [2.0, 4.0, 0.5]}
+
+    def fake_round(fn, min_time):
+        name = fn()
+        order.append(name)
+        return slow[name].pop(0)
+
+    monkeypatch.setattr(bench, "_round", fake_round)
+    best = bench._time_all({"a": lambda: "a", "b": lambda: "b"}, reps=3)
+    assert order == ["a", "b"] * 3 and best == {"a": 1.0, "b": 0.5}

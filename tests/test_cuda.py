@@ -109,3 +109,20 @@ def test_bf16_precision_on_the_gpu_agrees_with_the_cpu():
     # bf16 rounding amplifies last-bit differences (dni/precision.py): agreement to ~1e-3
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=5e-3, atol=5e-3)
     assert not torch.equal(gpu, fp32_gpu)
+
+
+def test_bench_runs_on_the_gpu(monkeypatch):
+    """``dni bench --device cuda`` measures every case there (one call per timing here)."""
+    from dni import bench
+
+    def once(fns, min_time=1.0, reps=3):
+        for fn in fns.values():
+            fn()
+        return dict.fromkeys(fns, 0.01)
+
+    monkeypatch.setattr(bench, "_time_all", once)
+    monkeypatch.setattr(bench, "_time", lambda fn, min_time=1.0, reps=3: once({"fn": fn})["fn"])
+    result = bench.run(quick=True, log=lambda line: None, device=CUDA)
+    assert result["device"] == torch.cuda.get_device_name(CUDA)
+    assert set(result["noisy_vs_fused"]) == {"lstm_rows", "lstm_strokes", "rnn_rows"}
+    assert "workers_lstm_rows" not in result and result["gemm_peak_bf16_gflops"] is None
