@@ -126,3 +126,19 @@ def test_bench_runs_on_the_gpu(monkeypatch):
     assert result["device"] == torch.cuda.get_device_name(CUDA)
     assert set(result["noisy_vs_fused"]) == {"lstm_rows", "lstm_strokes", "rnn_rows"}
     assert "workers_lstm_rows" not in result and result["gemm_peak_bf16_gflops"] is None
+
+
+@pytest.mark.parametrize("arch", ["lstm", "rnn"])
+def test_a_gpu_pass_draws_its_noise_ahead_with_the_same_bits(monkeypatch, arch):
+    """On the GPU a noisy pass computes its Philox samples in one go; its logits equal those
+    of drawing at every step, bit for bit."""
+    from dni.noise import AdditiveGaussian, PhiloxGenerator
+
+    torch.manual_seed(0)
+    model = build_model(arch, 28).to(CUDA).eval()
+    x = torch.rand(1000, 28, 28, device=CUDA)
+    with torch.no_grad():
+        ahead = model(x, AdditiveGaussian(0.6), PhiloxGenerator(3))
+        monkeypatch.setattr(PhiloxGenerator, "draws_ahead_on", staticmethod(lambda device: False))
+        direct = model(x, AdditiveGaussian(0.6), PhiloxGenerator(3))
+    assert torch.equal(ahead, direct)

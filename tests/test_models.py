@@ -254,3 +254,39 @@ def test_training_starts_from_the_weights_build_model_draws(init, fixture_data, 
     torch.manual_seed(derive_seed(0, "init"))
     again = build_model("rnn", 28, init=init)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), built[0].values()))
+
+
+@pytest.mark.parametrize("arch,inputs,steps", [("lstm", 28, 28), ("lstm", 2, 50), ("rnn", 28, 28), ("gru", 28, 28)])
+def test_a_pass_drawing_its_noise_ahead_gives_the_same_logits_and_gradients(monkeypatch, arch, inputs, steps):
+    """On a GPU, where Philox runs as torch ops, a noisy pass draws all its samples in one
+    go (one per pre-activation element and logit) instead of ~150 small ops per step; the
+    logits and their gradients are those of step-by-step draws. Here: the CPU's torch
+    implementation of the stream, with drawing ahead switched on."""
+    from dni import kernels
+    from dni.noise import PhiloxGenerator
+
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    monkeypatch.setattr(PhiloxGenerator, "draws_ahead_on", staticmethod(lambda device: True))
+    torch.manual_seed(0)
+    model = build_model(arch, inputs)
+    x = torch.rand(40, steps, inputs)
+    prefetched = []
+    real_prefetch = PhiloxGenerator.prefetch
+    monkeypatch.setattr(PhiloxGenerator, "prefetch", lambda self, n, device: (prefetched.append(n), real_prefetch(self, n, device)))
+    gen = PhiloxGenerator(9)
+    ahead = model(x, AdditiveGaussian(0.7), gen)
+    draws = {"lstm": 4, "rnn": 1, "gru": 4}[arch]  # per state unit and step
+    assert prefetched == [steps * 40 * draws * 128 + 40 * 10]
+    assert gen._ahead is None and gen._ahead_end is None  # every sample drawn ahead was used
+    monkeypatch.setattr(PhiloxGenerator, "prefetch", lambda self, n, device: None)
+    direct = model(x, AdditiveGaussian(0.7), PhiloxGenerator(9))
+    assert torch.equal(ahead, direct)
+    g_ahead = torch.autograd.grad(ahead.sum(), model.weight)[0]
+    g_direct = torch.autograd.grad(direct.sum(), model.weight)[0]
+    assert torch.equal(g_ahead, g_direct)
+
+
+def test_passes_draw_ahead_only_on_a_gpu():
+    from dni.noise import PhiloxGenerator
+
+    assert PhiloxGenerator.draws_ahead_on(torch.device("cuda")) and not PhiloxGenerator.draws_ahead_on(torch.device("cpu"))

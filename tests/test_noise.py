@@ -143,3 +143,33 @@ def test_weight_noise_perturbs_once_and_restores(mode):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(SpecError):
         perturb_weights(model, 0.1, "per-cell", PhiloxGenerator(1))
+
+
+@pytest.mark.parametrize("chunk", [1 << 23, 1000])
+def test_philox_draws_served_from_a_prefetch_are_the_stream_itself(monkeypatch, chunk):
+    """``prefetch`` (used on a GPU, where the stream is torch ops) changes no sample: draws
+    within it equal direct draws (also across the chunks it draws ahead), the counter
+    advances as before, the samples are let go after the last draw asked for, and a draw
+    beyond what was asked for is drawn directly."""
+    from dni import kernels
+    from dni.noise import PhiloxGenerator
+
+    monkeypatch.setattr(kernels, "library", lambda: None)  # the torch implementation, as on a GPU
+    monkeypatch.setattr(PhiloxGenerator, "AHEAD_CHUNK", chunk)
+    cpu = torch.device("cpu")
+    sizes = [4 * 300, 4 * 300, 4 * 300, 70]  # three steps' pre-activations, then logits
+    ahead, direct = PhiloxGenerator(2024), PhiloxGenerator(2024)
+    ahead.counter = direct.counter = 2**32 - 500  # the low counter word wraps inside the pass
+    ahead.prefetch(sum(sizes), cpu)
+    drawn = []
+    real = kernels.normal_torch
+    monkeypatch.setattr(kernels, "normal_torch", lambda n, *args: (drawn.append(n), real(n, *args))[1])
+    for n in sizes:
+        assert torch.equal(ahead.normal((n,), cpu, torch.float32), direct.normal((n,), cpu, torch.float32))
+        assert ahead.counter == direct.counter
+    assert ahead._ahead is None and ahead._ahead_end is None  # the last draw asked for: let go
+    ahead_draws = len(drawn) - len(sizes)  # direct's draws are one per call
+    assert ahead_draws == (1 if chunk > sum(sizes) else 4)  # 1000-sample chunks: 1,200 each, then 70
+    ahead.prefetch(100, cpu)
+    assert torch.equal(ahead.normal((200,), cpu, torch.float32), direct.normal((200,), cpu, torch.float32))
+    assert ahead._ahead is None and ahead._ahead_end is None  # beyond what was asked for: drawn directly
