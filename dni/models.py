@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dni.errors import SpecError
-from dni.noise import NoiseModel, PhiloxGenerator
+from dni.noise import NoiseModel, draw_ahead
 from dni.precision import operand
 
 #: Called after every time step with (t, h_t, c_t or None); used to record state statistics.
@@ -232,9 +232,8 @@ class NoisyRecurrent(nn.Module):
                 fused_recurrence(lib, self.arch, xp, w_h, h, c, _stream_key(generator), starts, sigma, threads=threads, inline=inline,
                                  w_h16=w_h16)
                 return noise(self._out(h), generator)
-        if isinstance(generator, PhiloxGenerator) and generator.draws_ahead_on(xp.device) and not noise.is_noiseless:
-            # One draw per pre-activation element and per logit: the pass's samples in one go.
-            generator.prefetch(steps * batch * w_h.shape[0] + batch * self.fc.out_features, xp.device)
+        # One draw per pre-activation element and per logit.
+        draw_ahead(generator, noise, steps * batch * w_h.shape[0] + batch * self.fc.out_features, xp.device)
         h = xp.new_zeros(batch, self.hidden_size)
         c = xp.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
         for t, xp_t in enumerate(xp.unbind(0)):
@@ -387,9 +386,8 @@ class NoisyGRU(NoisyRecurrent):
         hs = self.hidden_size
         w_h = self._op(self.weight[:, self.input_size :])
         w_ru, w_nh = w_h[: 2 * hs], w_h[2 * hs :]
-        if chosen is None and isinstance(generator, PhiloxGenerator) and generator.draws_ahead_on(xp.device) and not noise.is_noiseless:
-            # Per step r and u (2H), then n's input and recurrent products (H each); the logits.
-            generator.prefetch(xp.shape[0] * xp.shape[1] * 4 * hs + xp.shape[1] * self.fc.out_features, xp.device)
+        if chosen is None:  # per step r and u (2H), then n's input and recurrent products (H each); the logits
+            draw_ahead(generator, noise, xp.shape[0] * xp.shape[1] * 4 * hs + xp.shape[1] * self.fc.out_features, xp.device)
         h = xp.new_zeros(xp.shape[1], hs)
         for t, xp_t in enumerate(xp.unbind(0)):
             h_op = self._op(h)

@@ -90,11 +90,12 @@ class PhiloxGenerator:
         if self._ahead_end is None or device != self._ahead_device or start + blocks > self._ahead_end:
             self._ahead_end = self._ahead = None
             return None
-        if self._ahead is None or not (self._ahead[0] <= start and 4 * (start - self._ahead[0]) + n <= self._ahead[1].numel()):
-            size = max(n, min(self.AHEAD_CHUNK, 4 * (self._ahead_end - start)))
-            self._ahead = (start, kernels.normal_torch(size, self.key, start, device))
-        first, z = self._ahead
+        first, z = self._ahead if self._ahead is not None else (start, None)
         offset = 4 * (start - first)
+        if z is None or offset < 0 or offset + n > z.numel():  # past the chunk: draw the next one
+            first, offset = start, 0
+            z = kernels.normal_torch(max(n, min(self.AHEAD_CHUNK, 4 * (self._ahead_end - start))), self.key, start, device)
+        self._ahead = (first, z)
         if start + blocks >= self._ahead_end:  # the last draw asked for: let the samples go
             self._ahead_end = self._ahead = None
         return z[offset : offset + n]
@@ -128,6 +129,13 @@ class PhiloxGenerator:
 
 #: Sources of noise a layer accepts: torch's generators or dni's Philox stream.
 Generator = torch.Generator | PhiloxGenerator | None
+
+
+def draw_ahead(generator: Generator, noise: NoiseModel, n: int, device: torch.device) -> None:
+    """Before a pass that draws ``n`` samples on ``device``: let ``generator`` compute them
+    in one go where that is faster (:meth:`PhiloxGenerator.prefetch`); else nothing."""
+    if isinstance(generator, PhiloxGenerator) and generator.draws_ahead_on(device) and not noise.is_noiseless:
+        generator.prefetch(n, device)
 
 
 def gaussian(
