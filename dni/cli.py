@@ -40,6 +40,10 @@ DataDirOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (cuda when available).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch intra-op threads (default: torch's).")]
+StackOpt = Annotated[Optional[int], typer.Option(
+    "--stack", min=1, help="Models trained together as one stacked model (the sigma_train members of a seed; "
+    "each gets the weights of training it alone): at most this many per job, 1 = one at a time. "
+    "Default: on a GPU, the members split evenly over the workers; on a CPU, 1.")]
 
 
 @contextlib.contextmanager
@@ -190,6 +194,7 @@ def sweep_cli(
     executor: Annotated[str, typer.Option(help="local (process pool) or slurm (submitit).")] = "local",
     jobs: Annotated[Optional[int], typer.Option(min=1, help="Local worker processes (default: one per core, or per GPU).")] = None,
     threads: ThreadsOpt = None,
+    stack: StackOpt = None,
     partition: Annotated[Optional[str], typer.Option(help="Slurm partition.")] = None,
     time_min: Annotated[int, typer.Option("--time-min", help="Slurm time limit per job (minutes).")] = 120,
     gpus: Annotated[int, typer.Option(help="Slurm GPUs per job (jobs then run on cuda).")] = 0,
@@ -217,7 +222,7 @@ def sweep_cli(
                       weight_noise=weight_noise, weight_noise_mode=weight_noise_mode, precision=precision)
         sweep = SweepSpec(base, parse_grid(sigma_train, "--sigma-train"), tuple(range(seeds)), ev)
         st = Store(store)
-        ex = make_executor(executor, jobs, threads, device, data_dir, partition, time_min, gpus, cpus, mem_gb, slurm_config)
+        ex = make_executor(executor, jobs, threads, device, data_dir, partition, time_min, gpus, cpus, mem_gb, slurm_config, stack)
         if stage not in ("all", "train"):
             raise SpecError(f"unknown --stage {stage!r}; choose all or train")
         report = run_sweep(st, sweep, ex, _reporter(), out_csv, evaluate=(stage == "all"))
@@ -228,7 +233,7 @@ def sweep_cli(
                       f"in {report.seconds:.0f}s; results in {st.root / 'sweeps' / report.sweep_id}")
 
 
-def make_executor(kind, jobs, threads, device, data_dir, partition, time_min, gpus, cpus, mem_gb, slurm_config):
+def make_executor(kind, jobs, threads, device, data_dir, partition, time_min, gpus, cpus, mem_gb, slurm_config, stack=None):
     """Build the executor named on the command line."""
     from dni.executors import LocalExecutor, SlurmExecutor, default_jobs
 
@@ -236,7 +241,7 @@ def make_executor(kind, jobs, threads, device, data_dir, partition, time_min, gp
     if kind == "local":
         dev = str(resolve_device(device))
         auto_jobs, auto_threads = default_jobs(dev)
-        return LocalExecutor(jobs or auto_jobs, threads or auto_threads, dev, data_dir)
+        return LocalExecutor(jobs or auto_jobs, threads or auto_threads, dev, data_dir, stack)
     if kind == "slurm":
         extra = {}
         if slurm_config is not None:
@@ -246,7 +251,8 @@ def make_executor(kind, jobs, threads, device, data_dir, partition, time_min, gp
                 raise SpecError(f"cannot read --slurm-config {slurm_config}: {exc}") from None
             if not isinstance(extra, dict):
                 raise SpecError(f"--slurm-config {slurm_config} must hold a JSON object")
-        return SlurmExecutor(partition=partition, time_min=time_min, gpus=gpus, cpus=cpus, mem_gb=mem_gb, extra=extra, data_dir=data_dir)
+        return SlurmExecutor(partition=partition, time_min=time_min, gpus=gpus, cpus=cpus, mem_gb=mem_gb, extra=extra, data_dir=data_dir,
+                             stack=stack)
     raise SpecError(f"unknown executor {kind!r}; choose local or slurm")
 
 
@@ -444,6 +450,7 @@ def reproduce_cli(
     executor: Annotated[str, typer.Option(help="local or slurm.")] = "local",
     jobs: Annotated[Optional[int], typer.Option(min=1, help="Local worker processes (default: one per core, or per GPU).")] = None,
     threads: ThreadsOpt = None,
+    stack: StackOpt = None,
     partition: Annotated[Optional[str], typer.Option(help="Slurm partition.")] = None,
     time_min: Annotated[int, typer.Option("--time-min", help="Slurm time limit per job (minutes).")] = 120,
     gpus: Annotated[int, typer.Option(help="Slurm GPUs per job.")] = 0,
@@ -465,7 +472,7 @@ def reproduce_cli(
             raise SpecError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         p = dataclasses.replace(PRESETS[preset], train_rng=train_rng)
         st = Store(store or results / "store")
-        ex = make_executor(executor, jobs, threads, device, data_dir, partition, time_min, gpus, cpus, mem_gb, slurm_config)
+        ex = make_executor(executor, jobs, threads, device, data_dir, partition, time_min, gpus, cpus, mem_gb, slurm_config, stack)
         out.print(f"preset {p.name}: {p.description}")
         chosen = CASES
         if cases:

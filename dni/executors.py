@@ -19,7 +19,8 @@ from typing import Any, Callable
 import torch
 
 from dni.errors import DniError
-from dni.jobs import TrainOutcome, eval_job, set_threads, train_job
+from dni.jobs import TrainOutcome, eval_job, set_threads, train_stack_job
+from dni.stacking import stack_groups
 
 
 def _worker_init(threads: int) -> None:
@@ -62,12 +63,18 @@ class JobFailures(DniError):
 
 @dataclass
 class LocalExecutor:
-    """A process pool on this machine (``jobs`` workers x ``threads`` threads each)."""
+    """A process pool on this machine (``jobs`` workers x ``threads`` threads each).
+
+    ``stack``: models trained together per training job (see :func:`dni.stacking.stack_groups`;
+    None: on a GPU a sweep's sigma_train members split evenly over the workers, on a CPU
+    one model per job).
+    """
 
     jobs: int = 1
     threads: int = 1
     device: str = "cpu"
     data_dir: str | None = None
+    stack: int | None = None
 
     def describe(self) -> str:
         return f"local: {self.jobs} worker(s) x {self.threads} thread(s) on {self.device}"
@@ -86,15 +93,27 @@ class LocalExecutor:
             (waiting[mid].append(sigma) if mid in to_train else ready.append((mid, sigma)))
         failures: list[str] = []
         counter = iter(range(1 << 30))
+        groups = stack_groups(plan.train, self.device, self.stack, self.jobs)
+
+        def trained(outcomes: list[TrainOutcome]) -> list[str]:
+            """Report the outcomes; return the models whose evaluation may start."""
+            done = []
+            for outcome in outcomes:
+                if outcome.error is not None:
+                    failures.append(f"train {outcome.model_id}: {outcome.error}")
+                else:
+                    on_trained(outcome)
+                    done.append(outcome.model_id)
+            return done
 
         if self.jobs == 1:  # in-process: no start-up cost, easy to debug
             set_threads(self.threads)
-            for spec in plan.train:
+            for group in groups:
                 try:
-                    on_trained(train_job(root, spec, self.data_dir, self.device))
-                    ready.extend((spec.model_id, s) for s in waiting.pop(spec.model_id, []))
+                    for mid in trained(train_stack_job(root, group, self.data_dir, self.device)):
+                        ready.extend((mid, s) for s in waiting.pop(mid, []))
                 except DniError as exc:
-                    failures.append(f"train {spec.model_id}: {exc}")
+                    failures.append(f"train {_names(group)}: {exc}")
             for mid, sigma in ready:
                 on_evaluated(eval_job(root, mid, sweep.eval, sigma, self.data_dir, self.device))
         else:
@@ -107,9 +126,9 @@ class LocalExecutor:
                     pending[fut] = ("eval", (mid, sigma))
 
                 try:
-                    for spec in plan.train:
-                        fut = pool.submit(train_job, root, spec, self.data_dir, self._device(next(counter)))
-                        pending[fut] = ("train", spec)
+                    for group in groups:
+                        fut = pool.submit(train_stack_job, root, group, self.data_dir, self._device(next(counter)))
+                        pending[fut] = ("train", group)
                     for mid, sigma in ready:
                         submit_eval(mid, sigma)
                     while pending:
@@ -119,13 +138,13 @@ class LocalExecutor:
                             try:
                                 result = fut.result()
                             except DniError as exc:
-                                name = what.model_id if kind == "train" else f"{what[0]} at sigma_val={what[1]}"
+                                name = _names(what) if kind == "train" else f"{what[0]} at sigma_val={what[1]}"
                                 failures.append(f"{kind} {name}: {exc}")
                                 continue
                             if kind == "train":
-                                on_trained(result)
-                                for sigma in waiting.pop(what.model_id, []):
-                                    submit_eval(what.model_id, sigma)
+                                for mid in trained(result):
+                                    for sigma in waiting.pop(mid, []):
+                                        submit_eval(mid, sigma)
                             else:
                                 on_evaluated(result)
                 except BaseException:
@@ -133,6 +152,10 @@ class LocalExecutor:
                     raise
         if failures:
             raise JobFailures(f"{len(failures)} job(s) failed (the others are in the store): " + "; ".join(failures))
+
+
+def _names(group) -> str:
+    return ", ".join(spec.model_id for spec in group)
 
 
 @dataclass
@@ -153,6 +176,7 @@ class SlurmExecutor:
     extra: dict[str, Any] = field(default_factory=dict)  # any other submitit slurm_* parameter
     data_dir: str | None = None
     poll_s: float = 2.0
+    stack: int | None = None  # models per training task (None: a GPU task trains a sweep's members together)
 
     def describe(self) -> str:
         return f"slurm: partition {self.partition or '(default)'}, {self.cpus} CPU(s), {self.gpus} GPU(s), {self.time_min} min"
@@ -188,9 +212,19 @@ class SlurmExecutor:
         failures: list[str] = []
         root = str(store.root.resolve())
         if plan.train:
-            task = RequeueableTask(train_job)
-            jobs = ex.map_array(task, [root] * len(plan.train), plan.train, [self.data_dir] * len(plan.train), [device] * len(plan.train))
-            failures += self._wait(jobs, [s.model_id for s in plan.train], on_trained)
+            groups = stack_groups(plan.train, device, self.stack)  # on GPUs: a sweep's members in one task
+            n = len(groups)
+
+            def trained(outcomes: list[TrainOutcome]) -> None:
+                for outcome in outcomes:
+                    if outcome.error is not None:
+                        failures.append(f"train {outcome.model_id}: {outcome.error}")
+                    else:
+                        on_trained(outcome)
+
+            task = RequeueableTask(train_stack_job)
+            jobs = ex.map_array(task, [root] * n, groups, [self.data_dir] * n, [device] * n)
+            failures += self._wait(jobs, [_names(g) for g in groups], trained)
         points = _points(store, sweep) if plan.evaluate else []
         if points:
             task = RequeueableTask(eval_job)

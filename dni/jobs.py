@@ -1,4 +1,5 @@
-"""Units of work that any executor can run: train one model, evaluate one (model, sigma_val).
+"""Units of work that any executor can run: train one model (or one stack of models, see
+dni.stacking), evaluate one (model, sigma_val).
 
 Each job takes only plain, picklable arguments, writes its result into the store itself
 (atomically, under a lock) and is idempotent: a job whose work is already in the store
@@ -8,24 +9,27 @@ corrupts finished work.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dni.errors import DivergenceError
 from dni.evaluate import evaluate_point
 from dni.progress import Reporter
 from dni.spec import EvalSpec, TrainSpec
 from dni.store import Store
-from dni.train import train
+from dni.train import train_stack
 
 
 @dataclass(frozen=True)
 class TrainOutcome:
     model_id: str
-    trained: bool  # False: it was already in the store
+    trained: bool  # False: it was already in the store (or training failed: see error)
     test_accuracy: float
     wall_time: float = 0.0
+    error: str | None = None  # why training this model stopped (its stack's other members train on)
 
 
 def set_threads(threads: int | None) -> None:
@@ -43,22 +47,53 @@ def train_job(
     reporter: Reporter | None = None,
     threads: int | None = None,
 ) -> TrainOutcome:
-    """Train ``spec`` unless the store already has it; save it atomically."""
+    """Train ``spec`` unless the store already has it; save it atomically.
+
+    Raises:
+        DivergenceError: training diverged (nothing is saved).
+    """
+    (outcome,) = train_stack_job(store_root, [spec], data_dir, device, force, reporter, threads)
+    if outcome.error is not None:
+        raise DivergenceError(outcome.error)
+    return outcome
+
+
+def train_stack_job(
+    store_root: str | Path,
+    specs: list[TrainSpec],
+    data_dir: str | Path | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    reporter: Reporter | None = None,
+    threads: int | None = None,
+) -> list[TrainOutcome]:
+    """Train those of ``specs`` the store does not have, together as one stack
+    (:mod:`dni.stacking`; a single spec trains alone), and save each atomically.
+
+    The members' locks are taken in one order, so jobs whose stacks overlap wait for each
+    other instead of deadlocking, and a model trained meanwhile is not trained again.
+    A member that diverges is reported in its outcome's ``error`` and not saved.
+    """
     set_threads(threads)
     store = Store(store_root)
-    model_id = spec.model_id
 
-    def stored() -> TrainOutcome:
-        return TrainOutcome(model_id, False, store.read_meta(model_id).get("test_accuracy_clean", float("nan")))
+    def stored(spec: TrainSpec) -> TrainOutcome:
+        return TrainOutcome(spec.model_id, False, store.read_meta(spec.model_id).get("test_accuracy_clean", float("nan")))
 
-    if store.has_model(model_id) and not force:
-        return stored()
-    with store.lock(model_id):
-        if store.has_model(model_id) and not force:  # trained by another process meanwhile
-            return stored()
-        result = train(spec, data_dir, device, reporter)
-        store.save_model(spec, result.model, result.meta, overwrite=force)
-    return TrainOutcome(model_id, True, result.test_accuracy, result.wall_time)
+    if not force and all(store.has_model(s.model_id) for s in specs):
+        return [stored(s) for s in specs]
+    outcomes: dict[str, TrainOutcome] = {}
+    with ExitStack() as locks:
+        for model_id in sorted({s.model_id for s in specs}):
+            locks.enter_context(store.lock(model_id))
+        todo = [s for s in dict.fromkeys(specs) if force or not store.has_model(s.model_id)]
+        for spec, result in zip(todo, train_stack(todo, data_dir, device, reporter) if todo else []):
+            if isinstance(result, DivergenceError):
+                outcomes[spec.model_id] = TrainOutcome(spec.model_id, False, float("nan"), error=str(result))
+                continue
+            store.save_model(spec, result.model, result.meta, overwrite=force)
+            outcomes[spec.model_id] = TrainOutcome(spec.model_id, True, result.test_accuracy, result.wall_time)
+    return [outcomes.get(s.model_id) or stored(s) for s in specs]
 
 
 def eval_job(

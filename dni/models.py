@@ -321,7 +321,7 @@ class NoisyLSTM(NoisyRecurrent):
     noisy_products = 4
 
     def step(self, pre, c):
-        i, f, g, o = pre.chunk(4, dim=1)
+        i, f, g, o = pre.chunk(4, dim=-1)  # the last dimension: also for stacked models (dni.stacking)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, c

@@ -185,6 +185,26 @@ class AdditiveGaussian(_GaussianNoise):
         return pre + self.sigma * gaussian(pre.shape, generator, device=pre.device, dtype=pre.dtype)
 
 
+def add_stacked_gaussian(pre: torch.Tensor, sigmas: torch.Tensor, noiseless: int, generator: Generator) -> torch.Tensor:
+    """:class:`AdditiveGaussian` for M stacked models (dim 0 of ``pre``) that share one noise
+    stream (dni.stacking): member k gets ``pre[k] + sigmas[k] * z`` with the same z, the
+    samples each member would draw from its own copy of the stream. The first
+    ``noiseless`` members (sigma = 0) are returned unchanged, and when all are, nothing is
+    drawn, as ``AdditiveGaussian(0)`` does.
+
+    Args:
+        pre: pre-activations, shape (M, ...).
+        sigmas: float32, shape (M, 1, ..., 1) broadcasting against ``pre``.
+    """
+    m = pre.shape[0]
+    if noiseless >= m:
+        return pre
+    z = gaussian(pre.shape[1:], generator, device=pre.device, dtype=pre.dtype)
+    if noiseless == 0:
+        return pre + sigmas * z
+    return torch.cat((pre[:noiseless], pre[noiseless:] + sigmas[noiseless:] * z))
+
+
 @dataclass(frozen=True)
 class MultiplicativeGaussian(_GaussianNoise):
     """Multiplicative noise y·(1 + z), z ~ N(0, sigma²) (Walking Noise, Borras et al.)."""

@@ -16,6 +16,8 @@ ways can be mixed step by step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.optim import optimizer as torch_optimizer
 
@@ -26,16 +28,45 @@ COMPILED = True
 _matches: bool | None = None  # the once-per-process check of the compiled pass
 
 
-def clip_and_step(opt: torch.optim.Optimizer, max_norm: float) -> None:
+def clip_and_step(opt: torch.optim.Optimizer, max_norm: float, members: Sequence[int] | None = None) -> None:
     """Clip the gradients of ``opt``'s parameters to global 2-norm ``max_norm`` and take one
-    optimizer step: the bits of ``clip_grad_norm_`` then ``opt.step()``."""
+    optimizer step: the bits of ``clip_grad_norm_`` then ``opt.step()``.
+
+    Args:
+        members: for stacked models (dni.stacking), whose parameters hold one member per
+            index of their first dimension: clip each listed member's gradients on their
+            own, as ``clip_grad_norm_`` clips one model's. The others' are left as they are.
+            Adam is element-wise, so each member then gets the step of its own optimizer.
+    """
     params = [p for group in opt.param_groups for p in group["params"]]
     lib = kernels.library() if COMPILED else None
-    if lib is None or not lib.vs_sqrt or not _compiled_applies(opt, params) or not compiled_matches():
+    compiled = lib is not None and lib.vs_sqrt and _compiled_applies(opt, params) and compiled_matches()
+    if members is None and not compiled:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         opt.step()
         return
-    _compiled_step(lib, opt, params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if members is None:
+        coef = float(clip_coefficient(grads, max_norm))
+    else:
+        with torch.no_grad():
+            for k in members:
+                member = [g[k] for g in grads]
+                torch._foreach_mul_(member, clip_coefficient(member, max_norm))
+        coef = 1.0
+    if compiled:
+        _compiled_step(lib, opt, params, coef)
+    else:
+        opt.step()
+
+
+@torch.no_grad()
+def clip_coefficient(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The factor ``clip_grad_norm_`` scales ``grads`` by, computed as it does (its total
+    norm, then ``max_norm / (norm + 1e-6)`` clamped at 1), as a 0-dim tensor on the
+    gradients' device (no synchronisation with a GPU)."""
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    return torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
 
 
 def _compiled_applies(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> bool:
@@ -60,14 +91,10 @@ def _compiled_applies(opt: torch.optim.Optimizer, params: list[torch.Tensor]) ->
 
 
 @torch.no_grad()
-def _compiled_step(lib, opt: torch.optim.Adam, params: list[torch.Tensor], max_norm: float) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+def _compiled_step(lib, opt: torch.optim.Adam, params: list[torch.Tensor], coef: float) -> None:
+    """Scale each gradient by ``coef`` (the clipping) and take Adam's step, in one pass."""
+    if all(p.grad is None for p in params):
         return
-    # The clipping coefficient exactly as clip_grad_norm_ computes it (foreach path).
-    norms = torch._foreach_norm(grads, 2.0)
-    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-    coef = float(torch.clamp(float(max_norm) / (total + 1e-6), max=1.0))
     group = opt.param_groups[0]
     lr, eps = group["lr"], group["eps"]
     beta1, beta2 = group["betas"]
@@ -119,7 +146,7 @@ def _check(lib) -> bool:
             for p, g in zip(params, grads):
                 p.grad = g.clone()
             if compiled:
-                _compiled_step(lib, opt, params, 1.0)
+                _compiled_step(lib, opt, params, float(clip_coefficient([p.grad for p in params], 1.0)))
             else:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()

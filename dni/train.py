@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import dni
 from dni.data import Dataset, load_dataset
-from dni.errors import DivergenceError
+from dni.errors import DivergenceError, SpecError
 from dni.memory import keep_freed_memory
 from dni.models import NoisyRecurrent, build_model
 from dni.noise import Generator, NoiseModel, make_noise
@@ -37,6 +37,7 @@ from dni.optim import clip_and_step
 from dni.progress import Reporter, SilentReporter
 from dni.seeding import derive_seed, make_generator
 from dni.spec import TrainSpec
+from dni.stacking import StackedRecurrent, order, stack_key, stackable
 
 
 @dataclass
@@ -118,10 +119,33 @@ def train(
     Raises:
         DivergenceError: the loss or the weights became non-finite.
     """
+    (result,) = train_stack([spec], data_dir, device, reporter)
+    if isinstance(result, DivergenceError):
+        raise result
+    return result
+
+
+def train_stack(
+    specs: list[TrainSpec],
+    data_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    reporter: Reporter | None = None,
+) -> list[TrainResult | DivergenceError]:
+    """Train one model, or the members of one stack (specs that differ only in
+    sigma_train, see :mod:`dni.stacking`) together, each as :func:`train` would alone.
+
+    Returns:
+        One entry per spec, in the order of ``specs``: its result, or the
+        :class:`DivergenceError` that stopped it (the other members train on).
+    """
     reporter = reporter or SilentReporter()
     device = torch.device(device)
     keep_freed_memory()  # each step's buffers reuse the last step's pages
     t0 = time.perf_counter()
+    spec = specs[0]
+    if len(specs) > 1 and (any(stack_key(s) != stack_key(spec) for s in specs) or not stackable(spec, device)):
+        raise SpecError("only models that differ in sigma_train alone, of a kind dni.stacking trains, form a stack")
+    members = order(specs)
     full = load_dataset(spec.data, "train", data_dir, stroke_repr=spec.stroke_repr, limit=spec.limit_train)
     train_ds, val_ds = split_train_val(full, spec.val_size)
     test_ds = load_dataset(spec.data, "test", data_dir, stroke_repr=spec.stroke_repr)
@@ -132,77 +156,119 @@ def train(
         # Initialised once: the first draws of the init seed (as every model since the start).
         model = build_model(spec.arch, full.inputs, spec.hidden_size, init=spec.init).to(device)
     model.parse_sites(spec.sites)  # fail early on an unknown site
-    noise = make_noise(spec.noise, spec.sigma_train)
+    noises = [make_noise(s.noise, s.sigma_train) for s in members]
     clean = make_noise(spec.noise, 0.0)
-    noise_gen = make_noise_source(spec.rng, derive_seed(spec.seed, "train-noise"), device)
+    noise_gen = make_noise_source(spec.rng, derive_seed(spec.seed, "train-noise"), device)  # one stream: shared by a stack
     shuffle_gen = make_generator(derive_seed(spec.seed, "shuffle"), "cpu")
-    params = list(model.parameters())
+    stack = StackedRecurrent([model] * len(members), [s.sigma_train for s in members]).to(device) if len(members) > 1 else None
+    params = list((stack or model).parameters())
     opt = torch.optim.Adam(params, lr=spec.lr)
     batches = math.ceil(len(train_ds) / spec.batch_size)
 
-    history: list[dict[str, Any]] = []
-    best_state, best_acc, best_epoch = None, -1.0, 0
-    reporter.log(f"training {spec.model_id} on {len(train_ds)} digits ({len(val_ds)} held out), {spec.epochs} epochs, {device}")
+    alive = list(range(len(members)))
+    errors: dict[int, DivergenceError] = {}
+    history: list[list[dict[str, Any]]] = [[] for _ in members]
+    best: list[tuple[dict | None, float, int]] = [(None, -1.0, 0) for _ in members]  # (state, val acc, epoch)
+    names = spec.model_id if stack is None else f"{len(members)} models of {spec.arch}-{spec.data} seed {spec.seed} (stacked)"
+    reporter.log(f"training {names} on {len(train_ds)} digits ({len(val_ds)} held out), {spec.epochs} epochs, {device}")
+
+    def diverged(k: int, message: str) -> None:
+        errors[k] = DivergenceError(message)
+        alive.remove(k)
+
     with reporter.task("train", spec.epochs * batches) as task:
         for epoch in range(1, spec.epochs + 1):
             lr = spec.lr * spec.lr_decay ** (epoch - 1)
             for group in opt.param_groups:
                 group["lr"] = lr
-            model.train()
+            (stack or model).train()
             started = time.perf_counter()
-            loss_sum, correct = 0.0, 0
+            loss_sum, correct = [0.0] * len(members), [0] * len(members)
             perm = torch.randperm(len(train_ds), generator=shuffle_gen).to(device)
             for b, idx in enumerate(perm.split(spec.batch_size), start=1):
                 x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)  # as x_all[idx], at half the cost
-                logits = model(x, noise, noise_gen, sites=spec.sites)
-                loss = F.cross_entropy(logits, y)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise DivergenceError(
-                        f"training diverged in epoch {epoch}, batch {b}: loss is {loss_value} "
-                        f"(sigma_train={spec.sigma_train}); try a lower --lr or --grad-clip"
-                    )
+                active = list(alive)
+                if stack is None:
+                    logits = model(x, noises[0], noise_gen, sites=spec.sites)
+                    losses = [F.cross_entropy(logits, y)]
+                    values = [losses[0].item()]
+                    logits = logits.unsqueeze(0)
+                else:
+                    logits = stack(x, noise_gen)
+                    losses = [F.cross_entropy(logits[k], y) for k in active]
+                    values = torch.stack([loss.detach() for loss in losses]).tolist()  # one synchronisation
+                for k, value in zip(active, values):
+                    if not math.isfinite(value):
+                        diverged(k, f"training diverged in epoch {epoch}, batch {b}: loss is {value} "
+                                    f"(sigma_train={members[k].sigma_train}); try a lower --lr or --grad-clip")
+                if not alive:
+                    break
                 for p in params:  # opt.zero_grad(set_to_none=True), without its profiling wrapper
                     p.grad = None
-                loss.backward()
-                clip_and_step(opt, spec.grad_clip)
-                loss_sum += loss_value * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                task.advance(1, epoch=epoch, loss=loss_value)
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise DivergenceError(f"training diverged in epoch {epoch}: weights became non-finite")
-            # A fixed generator per evaluation makes epochs comparable (same noise draws).
-            val_gen = make_noise_source(spec.rng, derive_seed(spec.seed, "val-noise"), device)
-            val_acc = accuracy(model, val_ds, noise, val_gen, sites=spec.sites) if len(val_ds) else float("nan")
-            row = {
-                "epoch": epoch,
-                "lr": lr,
-                "train_loss": loss_sum / len(train_ds),
-                "train_accuracy": correct / len(train_ds),
-                "val_accuracy": val_acc,
-                "val_accuracy_clean": accuracy(model, val_ds, clean, None) if len(val_ds) else float("nan"),
-                "seconds": time.perf_counter() - started,
-            }
-            history.append(row)
-            reporter.log(
-                f"epoch {epoch}/{spec.epochs}: loss {row['train_loss']:.4f} train acc {row['train_accuracy']:.4f} "
-                f"val acc {val_acc:.4f} (clean {row['val_accuracy_clean']:.4f}) {row['seconds']:.1f}s"
-            )
-            if not len(val_ds) or val_acc > best_acc:
-                best_acc, best_epoch = val_acc, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    model.eval()
-    test_acc = accuracy(model, test_ds, clean, None)
+                kept = [loss for k, loss in zip(active, losses) if k in alive]
+                # Each member's loss gets the gradient 1, as one model's loss.backward() gives it.
+                (kept[0] if len(kept) == 1 else torch.stack(kept).sum()).backward()
+                clip_and_step(opt, spec.grad_clip, None if stack is None else alive)
+                right = (logits.argmax(2) == y).sum(1).tolist()
+                for k, value in zip(active, values):
+                    if k in alive:
+                        loss_sum[k] += value * len(y)
+                        correct[k] += right[k]
+                task.advance(1, epoch=epoch, loss=values[0])
+            for k in list(alive):
+                if not (all(torch.isfinite(p).all() for p in model.parameters()) if stack is None else stack.member_finite(k)):
+                    diverged(k, f"training diverged in epoch {epoch}: weights became non-finite")
+            if not alive:
+                break
+            checked = {}
+            for k in alive:
+                member = model if stack is None else stack.member(k)
+                # A fixed generator per evaluation makes epochs comparable (same noise draws).
+                val_gen = make_noise_source(spec.rng, derive_seed(spec.seed, "val-noise"), device)
+                val_acc = accuracy(member, val_ds, noises[k], val_gen, sites=spec.sites) if len(val_ds) else float("nan")
+                checked[k] = (member, val_acc, accuracy(member, val_ds, clean, None) if len(val_ds) else float("nan"))
+            seconds = time.perf_counter() - started
+            for k, (member, val_acc, clean_acc) in checked.items():
+                row = {
+                    "epoch": epoch,
+                    "lr": lr,
+                    "train_loss": loss_sum[k] / len(train_ds),
+                    "train_accuracy": correct[k] / len(train_ds),
+                    "val_accuracy": val_acc,
+                    "val_accuracy_clean": clean_acc,
+                    "seconds": seconds,  # the whole stack's epoch, for a stack
+                }
+                history[k].append(row)
+                reporter.log(
+                    f"{'' if stack is None else f'sigma_train {members[k].sigma_train:g}: '}epoch {epoch}/{spec.epochs}: "
+                    f"loss {row['train_loss']:.4f} train acc {row['train_accuracy']:.4f} "
+                    f"val acc {val_acc:.4f} (clean {clean_acc:.4f}) {seconds:.1f}s"
+                )
+                if not len(val_ds) or val_acc > best[k][1]:
+                    best[k] = ({n: v.detach().clone() for n, v in member.state_dict().items()}, val_acc, epoch)
+    trained = {}
+    for k in alive:
+        member = model if stack is None else stack.member(k)
+        member.load_state_dict(best[k][0])
+        member.eval()
+        trained[k] = (member, accuracy(member, test_ds, clean, None))
     wall = time.perf_counter() - t0
-    meta = {
-        **provenance(device),
-        "history": history,
-        "best_epoch": best_epoch,
-        "val_accuracy": best_acc,
-        "test_accuracy_clean": test_acc,
-        "n_train": len(train_ds),
-        "n_val": len(val_ds),
-        "wall_time_s": wall,
-    }
-    return TrainResult(spec, model, history, best_epoch, best_acc, test_acc, wall, meta)
+    own = wall / len(members)  # a stack member's share of the stack's time
+    results: dict[int, TrainResult | DivergenceError] = dict(errors)
+    for k, (member, test_acc) in trained.items():
+        _, best_acc, best_epoch = best[k]
+        meta = {
+            **provenance(device),
+            "history": history[k],
+            "best_epoch": best_epoch,
+            "val_accuracy": best_acc,
+            "test_accuracy_clean": test_acc,
+            "n_train": len(train_ds),
+            "n_val": len(val_ds),
+            "wall_time_s": own,
+        }
+        if stack is not None:
+            meta["stack"] = {"members": [s.model_id for s in members], "wall_time_s": wall}
+        results[k] = TrainResult(members[k], member, history[k], best_epoch, best_acc, test_acc, own, meta)
+    by_spec = {id(s): results[k] for k, s in enumerate(members)}
+    return [by_spec[id(s)] for s in specs]

@@ -99,3 +99,36 @@ def test_training_weights_do_not_depend_on_the_compiled_update(lib, fixture_data
     plain = dni.train.train(spec, fixture_data)
     assert compiled.history == [dict(row, seconds=b["seconds"]) for row, b in zip(plain.history, compiled.history)]
     assert _equal(compiled.model.state_dict().values(), plain.model.state_dict().values())
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_stacked_members_each_get_the_update_of_their_own_optimizer(compiled, monkeypatch):
+    """Stacked parameters (dim 0 = member, dni.stacking): each member's gradients clipped on
+    their own, then one Adam step, gives every member the bits of its own clip_and_step;
+    members not listed keep their gradients unclipped."""
+    monkeypatch.setattr(optim, "COMPILED", compiled)
+    gen = torch.Generator().manual_seed(3)
+    members = 3
+    init = [torch.randn(s, generator=gen) * 0.1 for s in SHAPES]
+    alone = [[p.clone().requires_grad_() for p in init] for _ in range(members)]
+    opts = [torch.optim.Adam(ps, lr=3e-3) for ps in alone]
+    stacked = [torch.stack([p] * members).requires_grad_() for p in init]
+    opt = torch.optim.Adam(stacked, lr=3e-3)
+    for k in range(30):
+        grads = [[torch.randn(s, generator=gen) * 10.0 ** (-3 + 4 * torch.rand(1, generator=gen).item()) for s in SHAPES]
+                 for _ in range(members)]
+        for ps, o, gs in zip(alone, opts, grads):
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            optim.clip_and_step(o, 1.0)
+        for j, p in enumerate(stacked):
+            p.grad = torch.stack([gs[j] for gs in grads])
+        optim.clip_and_step(opt, 1.0, members=range(members))
+    for m in range(members):
+        assert _equal([p[m] for p in stacked], alone[m])
+        assert _equal([opt.state[p][key][m] for p in stacked for key in ("exp_avg", "exp_avg_sq")],
+                      [o_state[key] for o_state in (opts[m].state[p] for p in alone[m]) for key in ("exp_avg", "exp_avg_sq")])
+    for p in stacked:
+        p.grad = torch.full_like(p, 1e3)
+    optim.clip_and_step(opt, 1.0, members=[1])
+    assert all((p.grad[0] == 1e3).all() and (p.grad[1] < 1e3).all() for p in stacked)

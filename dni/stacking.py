@@ -1,0 +1,153 @@
+"""Training several models as one: the sigma_train members of a sweep, stacked.
+
+The models of one sweep seed differ only in sigma_train: they start from the same weights
+(one init seed), see the same batches in the same order (one shuffle seed) and draw from
+the same noise stream (one training-noise seed), each scaled by its own sigma_train. So
+they can be trained as one model whose parameters gain a leading member dimension: every
+matrix product becomes a batched one, every element-wise op runs once for all members,
+and each step's noise is drawn once and scaled per member.
+
+Each member gets the weights, history and accuracies of training it alone: on CPU bit for
+bit (``tests/test_stacking.py``), since every product, noise draw, loss, clipping norm and
+Adam update is the same operation on the same numbers; on a GPU up to float rounding. On a
+GPU a training step of a small recurrent model is bound by kernel launches, and a stack
+of M members costs about the launches of one; on a CPU the products are the cost, and a
+stack is no faster than one model per worker process, so there it is off by default.
+
+What stacks: the LSTM and the vanilla RNN with additive noise on every product (the
+paper's protocol). On CPU only with torch's training-noise generator: with Philox the
+compiled training kernels are faster, and their results are the ones stored.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dni.models import NoisyLSTM, NoisyRecurrent, NoisyRNN
+from dni.noise import AdditiveGaussian, Generator, add_stacked_gaussian, draw_ahead
+from dni.spec import TrainSpec
+
+#: Architectures whose cell maths the stacked loop runs (their ``step`` is element-wise
+#: along the last dimension).
+STACKABLE = {"lstm": NoisyLSTM, "rnn": NoisyRNN}
+
+
+def stackable(spec: TrainSpec, device: str | torch.device) -> bool:
+    """Whether ``spec`` can be trained in a stack on ``device`` (see the module notes)."""
+    if spec.arch not in STACKABLE or spec.noise != "additive" or spec.sites != "all":
+        return False
+    return torch.device(device).type != "cpu" or spec.rng == "torch"
+
+
+def stack_key(spec: TrainSpec) -> TrainSpec:
+    """Specs with the same key can share a stack: they differ only in sigma_train."""
+    return dataclasses.replace(spec, sigma_train=0.0)
+
+
+def stack_groups(specs: Sequence[TrainSpec], device: str | torch.device, size: int | None = None,
+                 workers: int = 1) -> list[list[TrainSpec]]:
+    """Training jobs for ``specs``: lists of specs to train together, in the order of ``specs``.
+
+    Args:
+        size: at most this many members per stack (1: every model alone). None: on a CPU 1;
+            elsewhere each group of stackable specs split evenly over ``workers``.
+        workers: the executor's parallel workers (used when ``size`` is None).
+
+    A group of n stackable specs becomes ceil(n / size) stacks of near-equal size, members
+    with sigma_train = 0 first (:func:`order`). Specs that cannot stack train alone.
+    """
+    if size is None:
+        size = 1 if torch.device(device).type == "cpu" else 0
+    groups: dict[TrainSpec | int, list[TrainSpec]] = {}
+    for i, spec in enumerate(specs):
+        key = stack_key(spec) if size != 1 and stackable(spec, device) else i
+        groups.setdefault(key, []).append(spec)
+    jobs = []
+    for members in groups.values():
+        n = len(members)
+        parts = math.ceil(n / size) if size else min(n, max(workers, 1))
+        bounds = [round(k * n / parts) for k in range(parts + 1)]
+        jobs.extend(order(members[a:b]) for a, b in zip(bounds, bounds[1:]))
+    return jobs
+
+
+def order(specs: Sequence[TrainSpec]) -> list[TrainSpec]:
+    """The members of a stack, noise-free ones (sigma_train = 0, which draw nothing) first."""
+    return sorted(specs, key=lambda s: s.sigma_train != 0.0)
+
+
+class StackedRecurrent(nn.Module):
+    """M models of one architecture and shape as one; member k's parameters are slice k
+    of each stacked parameter.
+
+    Args:
+        members: the models, noise-free ones first (:func:`order`). Copied; not modified.
+        sigmas: each member's training noise strength.
+    """
+
+    def __init__(self, members: Sequence[NoisyRecurrent], sigmas: Sequence[float]):
+        super().__init__()
+        first = members[0]
+        if type(first).step not in (NoisyLSTM.step, NoisyRNN.step) or any(type(m) is not type(first) for m in members):
+            raise ValueError("a stack holds LSTMs or vanilla RNNs of one kind")
+        if len(sigmas) != len(members) or list(sigmas) != sorted(sigmas, key=lambda s: s != 0.0):
+            raise ValueError("one sigma per member, the noise-free members first")
+        self.template = [copy.deepcopy(first)]  # in a list: not a submodule; member() copies it
+        self.input_size, self.hidden_size = first.input_size, first.hidden_size
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in members]))
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in members]))
+        self.fc_weight = nn.Parameter(torch.stack([m.fc.weight.detach() for m in members]))
+        self.fc_bias = nn.Parameter(torch.stack([m.fc.bias.detach() for m in members]))
+        self.noiseless = sum(s == 0.0 for s in sigmas)
+        self.register_buffer("sigmas", torch.tensor([float(s) for s in sigmas], dtype=torch.float32).view(-1, 1, 1))
+        self._noise = AdditiveGaussian(max(sigmas))  # only asked whether anything is drawn
+
+    @property
+    def members(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor, generator: Generator) -> torch.Tensor:
+        """Every member's noisy logits, shape (members, batch, classes), for inputs of
+        shape (batch, steps, input_size): the operations of :meth:`NoisyRecurrent.forward`
+        (projection, recurrence, output layer, Eq. 2's noise) with a member dimension."""
+        self.template[0]._check_input(x)
+        batch, steps, n_in = x.shape
+        m, rows = self.weight.shape[:2]
+        xt = x.transpose(0, 1).reshape(steps * batch, n_in)
+        # Each member's input half as its own product, as the single model computes it: one
+        # product for all would give the same values, but not the same gradient bits (the
+        # BLAS splits the long reduction of W_x's gradient differently for other widths).
+        xp = torch.stack([torch.addmm(self.bias[k], xt, self.weight[k, :, :n_in].t()) for k in range(m)])
+        xp = xp.view(m, steps, batch, rows)
+        w_h = self.weight[:, :, n_in:]
+        if self.noiseless < m:  # one draw per pre-activation element and per logit, shared by the members
+            draw_ahead(generator, self._noise, steps * batch * rows + batch * self.fc_bias.shape[1], x.device)
+        h = x.new_zeros(m, batch, self.hidden_size)
+        c = x.new_zeros(m, batch, self.hidden_size) if isinstance(self.template[0], NoisyLSTM) else None
+        step = self.template[0].step
+        for xp_t in xp.unbind(1):
+            # w_h transposed at every step, as the single model does: autograd then sums the
+            # steps' gradients in the same order.
+            pre = add_stacked_gaussian(torch.baddbmm(xp_t, h, w_h.transpose(1, 2)), self.sigmas, self.noiseless, generator)
+            h, c = step(pre, c)
+        logits = torch.baddbmm(self.fc_bias.unsqueeze(1), h, self.fc_weight.transpose(1, 2))
+        return add_stacked_gaussian(logits, self.sigmas, self.noiseless, generator)
+
+    def member(self, k: int) -> NoisyRecurrent:
+        """Member ``k`` as a model of its own (a copy of its current weights)."""
+        model = copy.deepcopy(self.template[0])
+        with torch.no_grad():
+            model.weight.copy_(self.weight[k])
+            model.bias.copy_(self.bias[k])
+            model.fc.weight.copy_(self.fc_weight[k])
+            model.fc.bias.copy_(self.fc_bias[k])
+        return model
+
+    def member_finite(self, k: int) -> bool:
+        return all(bool(torch.isfinite(p[k]).all()) for p in self.parameters())
