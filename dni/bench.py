@@ -8,7 +8,8 @@ Measured side by side in one process (same threads, same shapes):
 * the straightforward noisy baseline: one pass per (sigma_val, repeat), an eager per-step
   cell computing ``x_t W_x^T + h W_h^T + b``, ``torch.randn`` noise;
 * dni's noisy inference (shared input projection, Philox noise, fused step kernel) and
-  dni's noisy training step;
+  dni's noisy training step, one model at a time and as a stack of 11 models trained as
+  one (dni.stacking; model-steps/s);
 * where the BLAS has a bf16 GEMM: dni's noisy inference at ``--precision bf16`` (not fp32,
   so it changes the numbers; see dni.precision), and the bf16 GEMM peak.
 
@@ -40,9 +41,11 @@ from dni.models import build_model
 from dni.noise import AdditiveGaussian, PhiloxGenerator
 from dni.optim import clip_and_step
 from dni.precision import products_in
+from dni.stacking import StackedRecurrent
 
 SHAPES = {"rows": (28, 28), "strokes": (50, 2)}
 H = 128
+STACK = 11  # members of a stacked training step: the paper's sigma_train grid
 
 
 def _round(fn: Callable[[], object], min_time: float) -> float:
@@ -187,10 +190,24 @@ def training(arch: str, data: str, batch: int = 128, device: torch.device | str 
         loss.backward()
         clip_and_step(opt, 1.0)  # as dni.train does
 
+    stack = StackedRecurrent([model] * STACK, [k / (STACK - 1) for k in range(STACK)]).to(device)  # a sweep's sigma_train grid
+    opt_stack = torch.optim.Adam(stack.parameters())
+
+    def step_stacked(gen):  # as dni.train does for a stack: one loss per member, each clipped alone
+        logits = stack(x, gen)
+        losses = torch.stack([F.cross_entropy(logits[k], y) for k in range(STACK)])
+        losses.detach().tolist()
+        opt_stack.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        clip_and_step(opt_stack, 1.0, members=range(STACK))
+
     philox, torch_gen = PhiloxGenerator(0), torch.Generator(device).manual_seed(0)
-    fns = {"fused": step_ref, "dni": lambda: step_dni(philox), "dni_autograd": lambda: step_dni(torch_gen)}
+    fns = {"fused": step_ref, "dni": lambda: step_dni(philox), "dni_autograd": lambda: step_dni(torch_gen),
+           "stacked": lambda: step_stacked(torch_gen)}
     t = _time_all({name: _synced(fn, device) for name, fn in fns.items()})
-    return {name: 1 / seconds for name, seconds in t.items()}
+    rates = {name: 1 / seconds for name, seconds in t.items()}
+    rates["stacked"] *= STACK  # model-steps/s
+    return rates
 
 
 def _worker_throughput(args) -> dict[str, float]:
@@ -241,15 +258,17 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
         bf16_cols = f"{bf16:10.0f} {r['bf16_vs_fused']:9.2f} {r['bf16_vs_naive']:9.2f}" if bf16 else f"{'n/a':>10s} {'':9s} {'':9s}"
         log(f"{arch + ' ' + data:16s} {r['fused']:12.0f} {r['naive']:12.0f} {r['dni']:12.0f} {r['noisy_vs_fused']:9.2f} {r['noisy_vs_naive']:9.2f} "
             f"{100 * r['frac_of_peak']:6.1f}% {bf16_cols}")
-    log(f"{'shape':16s} {'fused torch':>12s} {'dni noisy':>12s} {'ratio':>9s} {'autograd':>12s} {'ratio':>9s}   "
-        "(training steps/s, batch 128; dni: --train-rng philox, autograd: --train-rng torch)")
+    log(f"{'shape':16s} {'fused torch':>12s} {'dni noisy':>12s} {'ratio':>9s} {'autograd':>12s} {'ratio':>9s} {'stacked':>12s} {'vs autograd':>12s}   "
+        f"(training steps/s, batch 128; dni: --train-rng philox, autograd: --train-rng torch, stacked: {STACK} models as one, "
+        "model-steps/s, --train-rng torch)")
     for arch, data in cases:
         r = training(arch, data, device=device)
         r["train_vs_fused"] = r["dni"] / r["fused"]
         r["autograd_vs_fused"] = r["dni_autograd"] / r["fused"]
+        r["stacked_vs_autograd"] = r["stacked"] / r["dni_autograd"]
         result[f"train_{arch}_{data}"] = r
         log(f"{arch + ' ' + data:16s} {r['fused']:12.1f} {r['dni']:12.1f} {r['train_vs_fused']:9.2f} "
-            f"{r['dni_autograd']:12.1f} {r['autograd_vs_fused']:9.2f}")
+            f"{r['dni_autograd']:12.1f} {r['autograd_vs_fused']:9.2f} {r['stacked']:12.1f} {r['stacked_vs_autograd']:12.2f}")
     if with_workers and device.type == "cpu":
         w = workers()
         result["workers_lstm_rows"] = w

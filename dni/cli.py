@@ -43,7 +43,7 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="Tor
 StackOpt = Annotated[Optional[int], typer.Option(
     "--stack", min=1, help="Models trained together as one stacked model (the sigma_train members of a seed; "
     "each gets the weights of training it alone): at most this many per job, 1 = one at a time. "
-    "Default: on a GPU, the members split evenly over the workers; on a CPU, 1.")]
+    "Default: on GPUs, one stack per GPU; on a CPU, 1 (no faster there).")]
 
 
 @contextlib.contextmanager

@@ -66,8 +66,8 @@ class LocalExecutor:
     """A process pool on this machine (``jobs`` workers x ``threads`` threads each).
 
     ``stack``: models trained together per training job (see :func:`dni.stacking.stack_groups`;
-    None: on a GPU a sweep's sigma_train members split evenly over the workers, on a CPU
-    one model per job).
+    None: on GPUs a sweep seed's sigma_train members in one stack per GPU, on a CPU one
+    model per job).
     """
 
     jobs: int = 1
@@ -93,7 +93,8 @@ class LocalExecutor:
             (waiting[mid].append(sigma) if mid in to_train else ready.append((mid, sigma)))
         failures: list[str] = []
         counter = iter(range(1 << 30))
-        groups = stack_groups(plan.train, self.device, self.stack, self.jobs)
+        gpus = torch.cuda.device_count() if self.device == "cuda" else 1  # the GPUs _device() spreads jobs over
+        groups = stack_groups(plan.train, self.device, self.stack, min(gpus, self.jobs))
 
         def trained(outcomes: list[TrainOutcome]) -> list[str]:
             """Report the outcomes; return the models whose evaluation may start."""
@@ -212,7 +213,7 @@ class SlurmExecutor:
         failures: list[str] = []
         root = str(store.root.resolve())
         if plan.train:
-            groups = stack_groups(plan.train, device, self.stack)  # on GPUs: a sweep's members in one task
+            groups = stack_groups(plan.train, device, self.stack)  # on GPUs: a sweep seed's members in one task
             n = len(groups)
 
             def trained(outcomes: list[TrainOutcome]) -> None:

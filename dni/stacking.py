@@ -51,13 +51,15 @@ def stack_key(spec: TrainSpec) -> TrainSpec:
 
 
 def stack_groups(specs: Sequence[TrainSpec], device: str | torch.device, size: int | None = None,
-                 workers: int = 1) -> list[list[TrainSpec]]:
+                 parts: int = 1) -> list[list[TrainSpec]]:
     """Training jobs for ``specs``: lists of specs to train together, in the order of ``specs``.
 
     Args:
         size: at most this many members per stack (1: every model alone). None: on a CPU 1;
-            elsewhere each group of stackable specs split evenly over ``workers``.
-        workers: the executor's parallel workers (used when ``size`` is None).
+            elsewhere each group of stackable specs split into ``parts`` stacks.
+        parts: the GPUs the executor spreads its jobs over (used when ``size`` is None). A
+            GPU's time goes to launching kernels, and a stack costs about the launches of
+            one model, so one stack per GPU; more would only take turns on it.
 
     A group of n stackable specs becomes ceil(n / size) stacks of near-equal size, members
     with sigma_train = 0 first (:func:`order`). Specs that cannot stack train alone.
@@ -71,8 +73,8 @@ def stack_groups(specs: Sequence[TrainSpec], device: str | torch.device, size: i
     jobs = []
     for members in groups.values():
         n = len(members)
-        parts = math.ceil(n / size) if size else min(n, max(workers, 1))
-        bounds = [round(k * n / parts) for k in range(parts + 1)]
+        count = math.ceil(n / size) if size else min(n, max(parts, 1))
+        bounds = [round(k * n / count) for k in range(count + 1)]
         jobs.extend(order(members[a:b]) for a, b in zip(bounds, bounds[1:]))
     return jobs
 

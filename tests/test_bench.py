@@ -58,6 +58,7 @@ def test_summary_holds_every_goal_ratio(monkeypatch, fast_bf16):
         t = result[f"train_{case}"]
         assert result["train_vs_fused"][case] == pytest.approx(t["dni"] / t["fused"])
         assert 0 < r["dni"] and 0 < t["dni_autograd"]
+        assert t["stacked_vs_autograd"] == pytest.approx(t["stacked"] / t["dni_autograd"]) and t["stacked"] > 0
     assert result["threads"] == 1
     assert any(line.startswith("lstm strokes") for line in lines)
     for case in cases:  # bf16: measured where it has its fast path, else null

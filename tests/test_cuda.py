@@ -141,3 +141,22 @@ def test_a_gpu_pass_draws_its_noise_ahead_with_the_same_bits(monkeypatch, arch):
         monkeypatch.setattr(PhiloxGenerator, "draws_ahead_on", staticmethod(lambda device: False))
         direct = model(x, AdditiveGaussian(0.6), PhiloxGenerator(3))
     assert torch.equal(ahead, direct)
+
+
+@pytest.mark.parametrize("rng", ["torch", "philox"])
+def test_a_stack_on_the_gpu_trains_each_member_as_it_trains_alone(fixture_data, rng):
+    """On a GPU (the default there) a stack's members get what training each alone gives,
+    up to float rounding (batched and single products may round differently there); with
+    Philox the stack draws each pass's samples ahead."""
+    import dataclasses
+
+    from dni.train import train_stack
+
+    base = TrainSpec(arch="lstm", epochs=1, limit_train=200, val_size=40, batch_size=32, rng=rng)
+    specs = [dataclasses.replace(base, sigma_train=s) for s in (0.0, 0.5, 1.0)]
+    together = train_stack(specs, fixture_data, device=CUDA)
+    for spec, stacked in zip(specs, together):
+        alone = train(spec, fixture_data, device=CUDA)
+        for a, b in zip(alone.model.state_dict().values(), stacked.model.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+        assert len(stacked.meta["stack"]["members"]) == 3 and stacked.model.weight.device.type == "cuda"

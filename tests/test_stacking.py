@@ -136,8 +136,8 @@ def test_stack_groups_split_each_seed_evenly_and_leave_the_rest_alone():
     assert [len(g) for g in groups] == [4, 3, 4, 4, 3, 4]
     assert all(len({s.seed for s in g}) == 1 for g in groups)
     assert sorted(s.model_id for g in groups for s in g) == sorted(s.model_id for s in specs)
-    # On a GPU: each seed's members split over the workers, noise-free first.
-    groups = stack_groups(specs, "cuda", workers=2)
+    # On GPUs: each seed's members in one stack per GPU, noise-free first.
+    groups = stack_groups(specs, "cuda", parts=2)
     assert [len(g) for g in groups] == [6, 5, 6, 5] and groups[0][0].sigma_train == 0.0
     assert [len(g) for g in stack_groups(specs, "cuda")] == [11, 11]
     reversed_specs = [s for s in reversed(specs) if s.seed == 0]
