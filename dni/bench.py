@@ -195,7 +195,7 @@ def training(arch: str, data: str, batch: int = 128, device: torch.device | str 
 
     def step_stacked(gen):  # as dni.train does for a stack: one loss per member, each clipped alone
         logits = stack(x, gen)
-        losses = torch.stack([F.cross_entropy(logits[k], y) for k in range(STACK)])
+        losses = torch.stack([F.cross_entropy(each, y) for each in logits.unbind(0)])
         losses.detach().tolist()
         opt_stack.zero_grad(set_to_none=True)
         losses.sum().backward()

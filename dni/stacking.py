@@ -125,7 +125,10 @@ class StackedRecurrent(nn.Module):
         # Each member's input half as its own product, as the single model computes it: one
         # product for all would give the same values, but not the same gradient bits (the
         # BLAS splits the long reduction of W_x's gradient differently for other widths).
-        xp = torch.stack([torch.addmm(self.bias[k], xt, self.weight[k, :, :n_in].t()) for k in range(m)])
+        # (unbind, not indexing: its backward stacks the members' gradients in one go, where
+        # each index would zero-fill a gradient of the whole stack)
+        w_x = self.weight[:, :, :n_in].unbind(0)
+        xp = torch.stack([torch.addmm(b, xt, w.t()) for b, w in zip(self.bias.unbind(0), w_x)])
         xp = xp.view(m, steps, batch, rows)
         w_h = self.weight[:, :, n_in:]
         if self.noiseless < m:  # one draw per pre-activation element and per logit, shared by the members

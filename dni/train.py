@@ -195,7 +195,8 @@ def train_stack(
                     logits = logits.unsqueeze(0)
                 else:
                     logits = stack(x, noise_gen)
-                    losses = [F.cross_entropy(logits[k], y) for k in active]
+                    each = logits.unbind(0)  # one gradient buffer for all members' logits
+                    losses = [F.cross_entropy(each[k], y) for k in active]
                     values = torch.stack([loss.detach() for loss in losses]).tolist()  # one synchronisation
                 for k, value in zip(active, values):
                     if not math.isfinite(value):
