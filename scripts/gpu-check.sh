@@ -9,6 +9,7 @@
 #   DNI_DATA_DIR=/data/dni bash scripts/gpu-check.sh           # all three
 #   JOBS=8 STEPS="bench preset" bash scripts/gpu-check.sh      # a choice, 8 workers
 #   DEVICE=cpu PRESET=smoke bash scripts/gpu-check.sh          # a dry run without a GPU
+#   STACK=1 STEPS=preset bash scripts/gpu-check.sh             # the preset without stacked training
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -27,9 +28,9 @@ for step in $STEPS; do
         bench) "$PY" -m dni bench --device "$DEVICE" 2>&1 | tee "$OUT/bench.txt" ;;
         preset)
             start=$(date +%s)
-            "$PY" -m dni reproduce --preset "$PRESET" --device "$DEVICE" --jobs "$JOBS" \
+            "$PY" -m dni reproduce --preset "$PRESET" --device "$DEVICE" --jobs "$JOBS" ${STACK:+--stack "$STACK"} \
                 --store "$OUT/store" --results "$OUT/results" --figures "$OUT/figures" 2>&1 | tee "$OUT/preset.log"
-            echo "preset $PRESET on $DEVICE with $JOBS workers: $(( $(date +%s) - start )) s" | tee -a "$OUT/preset.log" ;;
+            echo "preset $PRESET on $DEVICE with $JOBS workers, stack ${STACK:-default}: $(( $(date +%s) - start )) s" | tee -a "$OUT/preset.log" ;;
         *) echo "unknown step $step (tests, bench, preset)" >&2; exit 2 ;;
     esac
 done
