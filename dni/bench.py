@@ -97,6 +97,19 @@ def gemm_peak(n: int = 4096, dtype: torch.dtype = torch.float32, device: torch.d
     return 2 * n**3 / _time(_synced(lambda: F.linear(a, w), device), 0.5) / 1e9
 
 
+def normals(device: torch.device | str = "cpu", n: int = 1 << 22) -> dict[str, float]:
+    """Samples/s of dni's Philox stream as passes draw it on ``device`` (the compiled kernel
+    on a CPU, the Triton kernel on a GPU where Triton is installed), of the same stream in
+    torch ops, and of ``torch.randn``."""
+    device = torch.device(device)
+    gen, out = PhiloxGenerator(0), torch.empty(n, device=device)
+    fns = {"dni": lambda: gen.add_normal_(out, 1.0, overwrite=True),
+           "torch_ops": lambda: kernels.normal_torch(n, 0, 0, device),
+           "randn": lambda: torch.randn(n, device=device)}
+    t = _time_all({name: _synced(fn, device) for name, fn in fns.items()}, 0.5)
+    return {name: n / seconds for name, seconds in t.items()}
+
+
 def has_fast_bf16(device: torch.device | str = "cpu") -> bool:
     """Whether dni's compiled CPU loop has a bf16 GEMM (see dni.precision). On a GPU, bf16
     runs as fp32 products of rounded operands, which is not meant to be faster."""
@@ -246,6 +259,10 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
     bf16_peak = f"{result['gemm_peak_bf16_gflops']:.0f} GFLOP/s" if fast_bf16 else "n/a (no bf16 GEMM in the BLAS)"
     log(f"on {result['device']}: fp32 GEMM peak (F.linear): {peak:.0f} GFLOP/s with {torch.get_num_threads()} thread(s); "
         f"compiled kernels: {kernels.available()}; bf16 GEMM peak: {bf16_peak}")
+    rates = normals(device)
+    result["normals_per_s"] = rates
+    log(f"N(0,1) samples/s: dni's Philox stream {rates['dni'] / 1e9:.2f} G ({'compiled kernel' if device.type == 'cpu' else 'Triton kernel' if kernels._triton_on(device) else 'torch ops'}), "
+        f"the same stream in torch ops {rates['torch_ops'] / 1e9:.2f} G, torch.randn {rates['randn'] / 1e9:.2f} G")
     log(f"{'shape':16s} {'fused torch':>12s} {'naive noisy':>12s} {'dni noisy':>12s} {'vs fused':>9s} {'vs naive':>9s} {'% peak':>7s} "
         f"{'dni bf16':>10s} {'vs fused':>9s} {'vs naive':>9s}   (sequences/s, batch 1000; bf16 changes the numbers)")
     cases = [("lstm", "rows"), ("lstm", "strokes"), ("rnn", "rows")]

@@ -599,6 +599,26 @@ def philox_blocks_torch(key: int, counter: int, nblocks: int, device: torch.devi
     return torch.stack([c0, c1, c2, c3], dim=1)
 
 
+def normal_on(n: int, key: int, counter: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The samples of :func:`normal_torch`, drawn the fastest way ``device`` has without the
+    compiled CPU kernel: on a GPU one Triton kernel (:mod:`dni.gpu_philox`) where Triton is
+    installed, which it is with torch's CUDA builds; else the torch ops."""
+    device = torch.device(device)
+    if _triton_on(device):
+        from dni import gpu_philox
+
+        return gpu_philox.normal(n, key, counter, device)
+    return normal_torch(n, key, counter, device)
+
+
+def _triton_on(device: torch.device) -> bool:
+    if device.type == "cpu":  # (the interpreter runs on CPU tensors too, but only for tests)
+        return False
+    from dni import gpu_philox
+
+    return gpu_philox.available(device)
+
+
 def normal_torch(n: int, key: int, counter: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The first ``n`` samples of the Philox/Box-Muller stream, computed with torch ops."""
     blocks = philox_blocks_torch(key, counter, (n + 3) // 4, device).to(torch.float64)

@@ -48,11 +48,12 @@ class PhiloxGenerator:
     The stream is fixed by its key (a seed); :meth:`take` hands out consecutive ranges of
     it, so the samples depend only on the seed and on the order of the draws, never on
     threads, processes or the device. On CPU the compiled kernel produces ~3x more
-    samples per second than ``torch.randn``; elsewhere (or without a C compiler) a torch
-    implementation draws the same stream.
+    samples per second than ``torch.randn``; on a GPU one Triton kernel draws the same
+    stream (:mod:`dni.gpu_philox`); elsewhere (or without a C compiler, or Triton) a torch
+    implementation does.
     """
 
-    AHEAD_CHUNK = 1 << 23  # samples drawn ahead at once (~0.3 GB of temporaries for torch's ops)
+    AHEAD_CHUNK = 1 << 23  # samples drawn ahead at once (~0.3 GB of temporaries for torch's ops, none for Triton)
 
     def __init__(self, seed: int):
         self.key = int(seed) & 0xFFFFFFFFFFFFFFFF
@@ -64,7 +65,8 @@ class PhiloxGenerator:
     @staticmethod
     def draws_ahead_on(device: torch.device) -> bool:
         """Whether a pass on ``device`` should :meth:`prefetch` its samples: on a GPU, where
-        each draw's small torch ops cost more to launch than to run. Not on a CPU: there the
+        a draw per step would cost more to launch than to run (one Triton kernel, or ~150
+        small torch ops without Triton). Not on a CPU: there the
         compiled kernel draws; and the torch fallback runs no faster from one large draw
         (measured: 1.0-1.3x slower, its temporaries no longer fit in cache)."""
         return device.type != "cpu"
@@ -72,10 +74,10 @@ class PhiloxGenerator:
     def prefetch(self, n: int, device: torch.device) -> None:
         """Compute the next ``n`` samples on ``device`` ahead, in chunks of up to
         ``AHEAD_CHUNK``, and serve the draws that fall within them from there (the counter
-        still advances per draw). Without a compiled kernel for the device (on a GPU) the
-        stream is ~150 small torch ops per draw, so a pass that draws at every step spends
-        its time launching them; drawn ahead, it launches them once per chunk. Each sample
-        depends only on its place in the stream, so the values are the same."""
+        still advances per draw). On a GPU a pass that draws at every step spends its time
+        launching kernels (one per draw with Triton, ~150 small torch ops without); drawn
+        ahead, it launches them once per chunk. Each sample depends only on its place in
+        the stream, so the values are the same."""
         self._ahead_end = self.counter + (n + 3) // 4  # first block not to draw ahead
         self._ahead = None
         self._ahead_device = device
@@ -94,7 +96,7 @@ class PhiloxGenerator:
         offset = 4 * (start - first)
         if z is None or offset < 0 or offset + n > z.numel():  # past the chunk: draw the next one
             first, offset = start, 0
-            z = kernels.normal_torch(max(n, min(self.AHEAD_CHUNK, 4 * (self._ahead_end - start))), self.key, start, device)
+            z = kernels.normal_on(max(n, min(self.AHEAD_CHUNK, 4 * (self._ahead_end - start))), self.key, start, device)
         self._ahead = (first, z)
         if start + blocks >= self._ahead_end:  # the last draw asked for: let the samples go
             self._ahead_end = self._ahead = None
@@ -122,7 +124,7 @@ class PhiloxGenerator:
             return t
         z = self._from_ahead(start, t.numel(), t.device)
         if z is None:
-            z = kernels.normal_torch(t.numel(), self.key, start, t.device)
+            z = kernels.normal_on(t.numel(), self.key, start, t.device)
         z = z.view(t.shape).to(t.dtype)
         return t.copy_(z * scale) if overwrite else t.add_(z, alpha=scale)
 

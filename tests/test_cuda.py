@@ -31,6 +31,21 @@ def test_philox_stream_is_the_same_on_the_gpu():
     assert abs(float(gpu.std()) - 1.0) < 0.01
 
 
+def test_the_gpu_draws_the_philox_stream_with_its_triton_kernel():
+    from dni import gpu_philox
+
+    if gpu_philox.triton is None:
+        pytest.skip("Triton is not installed (it comes with torch's CUDA builds)")
+    assert kernels._triton_on(CUDA)
+    n, key, counter = 1_000_003, 99, 2**33 + 1
+    gpu = gpu_philox.normal(n, key, counter, CUDA).cpu()
+    cpu = kernels.normal_torch(n, key, counter)
+    torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=1e-6)
+    # float64 libdevice against torch's float64 functions: a last bit apart at most, which
+    # rounding to float32 nearly always hides
+    assert float((gpu == cpu).float().mean()) > 0.999
+
+
 @pytest.mark.parametrize("arch", ["lstm", "rnn", "gru"])
 def test_noise_free_and_noisy_forward_match_the_cpu(arch):
     torch.manual_seed(0)

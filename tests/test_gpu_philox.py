@@ -1,0 +1,66 @@
+"""The Triton kernel of dni's Philox/Box-Muller stream (dni.gpu_philox), which GPUs draw
+with: run here through Triton's interpreter on CPU tensors, against the torch ops that
+define the stream on every device. (The interpreter must be chosen before Triton is
+imported, hence a process of its own.)"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dni import gpu_philox, kernels
+
+pytestmark = pytest.mark.skipif(gpu_philox.triton is None, reason="Triton is not installed")
+ROOT = Path(__file__).resolve().parent.parent
+
+CHECKS = """
+import torch
+from dni import gpu_philox, kernels
+from dni.noise import PhiloxGenerator
+
+cpu = torch.device("cpu")
+span = 3 * 4 * gpu_philox.BLOCKS_PER_PROGRAM + 6
+for n, key, counter in [
+    (1, 0, 0),
+    (4001, 1234, 77),  # a tail of one sample in the last block
+    (span, 2**63 + 12345, 2**32 - 3),  # several programs; the counter's high word turns over
+    (10, 0xDEADBEEFCAFEBABE, 2**40 + 5),
+]:
+    drawn = gpu_philox.normal(n, key, counter, cpu)
+    assert drawn.dtype == torch.float32 and drawn.shape == (n,)
+    assert torch.equal(drawn, kernels.normal_torch(n, key, counter)), (n, key, counter)
+
+# As on a GPU: a pass draws its samples ahead, one kernel launch per chunk, and each draw
+# takes its own from there.
+kernels.library = lambda: None
+kernels._triton_on = lambda device: True
+launches = []
+real = gpu_philox.normal
+gpu_philox.normal = lambda n, *args: (launches.append(n), real(n, *args))[1]
+PhiloxGenerator.draws_ahead_on = staticmethod(lambda device: True)
+PhiloxGenerator.AHEAD_CHUNK = 1000
+gen, plain = PhiloxGenerator(7), PhiloxGenerator(7)
+gen.prefetch(2500, cpu)
+for n in (400, 400, 1000, 700):
+    assert torch.equal(gen.normal((n,), cpu, torch.float32), kernels.normal_torch(n, 7, plain.take(n)))
+assert launches == [1000, 1000, 700], launches
+print("ok")
+"""
+
+
+def test_the_triton_kernel_draws_the_stream_bit_for_bit_and_serves_draws_ahead():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_draws_on_a_gpu_take_the_triton_kernel_and_the_cpu_never_does(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gpu_philox, "available", lambda device: device.type != "cpu")
+    monkeypatch.setattr(gpu_philox, "normal", lambda n, key, counter, device: calls.append((n, key, counter, device.type)))
+    kernels.normal_on(8, 5, 2, torch.device("meta"))
+    assert calls == [(8, 5, 2, "meta")]
+    assert torch.equal(kernels.normal_on(8, 5, 2, torch.device("cpu")), kernels.normal_torch(8, 5, 2)) and len(calls) == 1
