@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dni import kernels
+from dni.evaluate import count_correct
 from dni.memory import keep_freed_memory
 from dni.models import build_model
 from dni.noise import AdditiveGaussian, PhiloxGenerator
@@ -158,12 +159,12 @@ def inference(arch: str, data: str, batch: int = 1000, cells: int = 40, device: 
     noise = AdditiveGaussian(0.5)
     gen = torch.Generator(device).manual_seed(0)
 
-    def dni_cells(precision: str):  # as in dni.evaluate.run_cells: one projection, many noisy passes
+    y = torch.zeros(batch, dtype=torch.int64, device=device)
+
+    def dni_cells(precision: str):  # as dni.evaluate.run_cells: one projection, many noisy passes (together on a GPU)
         with products_in(model, precision):
             xp = model.project(x)
-            inline = model.inline_projection(x, xp)
-            for k in range(cells):
-                model.recur(xp, noise, PhiloxGenerator(k), inline=inline)
+            count_correct(model, xp, y, noise, [PhiloxGenerator(k) for k in range(cells)], inline=model.inline_projection(x, xp))
 
     fns = {"fused": lambda: model.fc(ref(x)[0][:, -1]), "naive": lambda: naive_noisy(model, x, 0.5, gen),
            "dni": lambda: dni_cells("fp32")}

@@ -87,16 +87,32 @@ def _run_cells(model, model_id, test, cells, spec, device, on_batch) -> list[int
         # strokes: recomputed in the loop, cheaper than read
         inline = model.inline_projection(x, xp) if every_site else None
         noiseless = None  # the noise-free pass: the same for every cell without noise (sigma_val = 0)
+        noisy: dict = {}  # noise model -> its cells
         for k, (noise, gen) in enumerate(zip(noises, gens)):
             if noise.is_noiseless:
                 if noiseless is None:
                     noiseless = (model.recur(xp, noise, gen, sites=spec.sites, inline=inline).argmax(1) == y).sum()
                 correct[k] += noiseless
-                continue
-            correct[k] += (model.recur(xp, noise, gen, sites=spec.sites, inline=inline).argmax(1) == y).sum()
+            else:
+                noisy.setdefault(noise, []).append(k)
+        for noise, ks in noisy.items():
+            counts = count_correct(model, xp, y, noise, [gens[k] for k in ks], spec.sites, inline)
+            correct[torch.tensor(ks, device=correct.device)] += counts
         if on_batch is not None:
             on_batch(len(cells) * len(y) / len(test))
     return correct.tolist()
+
+
+def count_correct(model: NoisyRecurrent, xp: torch.Tensor, y: torch.Tensor, noise, generators, sites=None, inline=None) -> torch.Tensor:
+    """Correctly classified digits of one noisy pass per generator over the projected inputs
+    ``xp`` (labels ``y``): the passes one by one, or on a GPU together, in batched passes of
+    up to :attr:`~dni.models.NoisyRecurrent.REPEATS_SAMPLES` noise samples
+    (:meth:`~dni.models.NoisyRecurrent.recur_repeats`; the same counts)."""
+    if model.parse_sites(sites) is None and model.recurs_repeats(xp, noise, generators):
+        at_once = max(1, model.REPEATS_SAMPLES // (xp.numel() + len(y) * model.fc.out_features))
+        parts = [generators[i : i + at_once] for i in range(0, len(generators), at_once)]
+        return torch.cat([(model.recur_repeats(xp, noise, part).argmax(2) == y).sum(1) for part in parts])
+    return torch.stack([(model.recur(xp, noise, g, sites=sites, inline=inline).argmax(1) == y).sum() for g in generators])
 
 
 def result_rows(spec: TrainSpec, model_id: str, cells, correct, ev: EvalSpec, n_test: int) -> pd.DataFrame:

@@ -40,9 +40,10 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def normal(n: int, key: int, counter: int, device: torch.device) -> torch.Tensor:
-    """Samples ``4 counter ..`` of the stream of ``key`` (``n`` of them), float32 on ``device``."""
-    out = torch.empty(n, dtype=torch.float32, device=device)
+def normal(n: int, key: int, counter: int, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Samples ``4 counter ..`` of the stream of ``key`` (``n`` of them), float32 on
+    ``device`` (written into ``out``, contiguous, where given)."""
+    out = torch.empty(n, dtype=torch.float32, device=device) if out is None else out
     if n:
         blocks = (n + 3) // 4
         grid = (triton.cdiv(blocks, BLOCKS_PER_PROGRAM),)

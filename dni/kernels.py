@@ -599,16 +599,18 @@ def philox_blocks_torch(key: int, counter: int, nblocks: int, device: torch.devi
     return torch.stack([c0, c1, c2, c3], dim=1)
 
 
-def normal_on(n: int, key: int, counter: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def normal_on(n: int, key: int, counter: int, device: torch.device | str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
     """The samples of :func:`normal_torch`, drawn the fastest way ``device`` has without the
     compiled CPU kernel: on a GPU one Triton kernel (:mod:`dni.gpu_philox`) where Triton is
-    installed, which it is with torch's CUDA builds; else the torch ops."""
+    installed, which it is with torch's CUDA builds; else the torch ops. Written into
+    ``out`` (contiguous, ``n`` float32) where given."""
     device = torch.device(device)
     if _triton_on(device):
         from dni import gpu_philox
 
-        return gpu_philox.normal(n, key, counter, device)
-    return normal_torch(n, key, counter, device)
+        return gpu_philox.normal(n, key, counter, device, out)
+    z = normal_torch(n, key, counter, device)
+    return z if out is None else out.copy_(z)
 
 
 def _triton_on(device: torch.device) -> bool:

@@ -244,6 +244,55 @@ class NoisyRecurrent(nn.Module):
                 observer(t, h, c)
         return noise(self._out(h), generator)
 
+    #: Samples drawn ahead at once for the passes of :meth:`recur_repeats` (1 GiB of float32).
+    REPEATS_SAMPLES = 1 << 28
+
+    def recurs_repeats(self, xp: torch.Tensor, noise: NoiseModel, generators) -> bool:
+        """Whether :meth:`recur_repeats` runs these passes: on a device where passes draw
+        their noise ahead (a GPU, see :meth:`PhiloxGenerator.draws_ahead_on`), for the
+        LSTM and RNN at fp32 with additive noise from Philox streams at one position."""
+        from dni.noise import AdditiveGaussian, PhiloxGenerator
+
+        if type(self).step not in (NoisyLSTM.step, NoisyRNN.step) or self.precision != "fp32" or xp.dtype != torch.float32:
+            return False
+        if not isinstance(noise, AdditiveGaussian) or noise.is_noiseless or not PhiloxGenerator.draws_ahead_on(xp.device):
+            return False
+        return all(isinstance(g, PhiloxGenerator) for g in generators) and len({g.counter for g in generators}) == 1
+
+    def recur_repeats(self, xp: torch.Tensor, noise: NoiseModel, generators) -> torch.Tensor:
+        """Noisy logits of one pass per generator over the same projected inputs, shape
+        (passes, batch, classes): pass r is :meth:`recur` ``(xp, noise, generators[r])``,
+        with the same samples (each stream advances as that pass would advance it), run as
+        one batched pass. On a GPU each pass's ~300 small kernels cost more to launch than
+        to run; batched, the passes share the launches. Only where :meth:`recurs_repeats`."""
+        from dni import kernels
+
+        steps, batch, rows = xp.shape
+        passes, classes = len(generators), self.fc.out_features
+        starts = [generators[0].take(batch * rows) for _ in range(steps)] + [generators[0].take(batch * classes)]
+        for g in generators[1:]:  # the streams are in step: the same positions
+            for n in [batch * rows] * steps + [batch * classes]:
+                g.take(n)
+        first, end = starts[0], generators[0].counter
+        z = xp.new_empty(passes, 4 * (end - first))
+        for r, g in enumerate(generators):
+            kernels.normal_on(z.shape[1], g.key, first, xp.device, out=z[r])
+        sigma = float(noise.sigma)
+
+        def noise_at(k: int, n: int, shape) -> torch.Tensor:
+            offset = 4 * (starts[k] - first)
+            return z[:, offset : offset + n].view(passes, *shape)
+
+        w_h = self.weight[:, self.input_size :].t().expand(passes, self.hidden_size, rows)
+        h = xp.new_zeros(passes, batch, self.hidden_size)
+        c = xp.new_zeros(passes, batch, self.hidden_size) if self.arch == "lstm" else None
+        for t, xp_t in enumerate(xp.unbind(0)):
+            # Eq. (2) for every pass: the product of recur(), then its own samples
+            pre = torch.baddbmm(xp_t, h, w_h).add_(noise_at(t, batch * rows, (batch, rows)), alpha=sigma)
+            h, c = self.step(pre, c)
+        logits = torch.baddbmm(self.fc.bias, h, self.fc.weight.t().expand(passes, self.hidden_size, classes))
+        return logits.add_(noise_at(steps, batch * classes, (batch, classes)), alpha=sigma)
+
     def _recur_sites(self, xp, noise, generator, observer, sites):
         w_h = self._op(self.weight[:, self.input_size :])
         h = xp.new_zeros(xp.shape[1], self.hidden_size)

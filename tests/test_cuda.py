@@ -175,3 +175,17 @@ def test_a_stack_on_the_gpu_trains_each_member_as_it_trains_alone(fixture_data, 
         for a, b in zip(alone.model.state_dict().values(), stacked.model.state_dict().values()):
             torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
         assert len(stacked.meta["stack"]["members"]) == 3 and stacked.model.weight.device.type == "cuda"
+
+
+def test_the_repeats_of_a_point_run_together_on_the_gpu_as_they_run_one_by_one():
+    from dni.noise import AdditiveGaussian, PhiloxGenerator
+
+    torch.manual_seed(0)
+    model = build_model("lstm", 28).to(CUDA).eval()
+    with torch.no_grad():
+        xp = model.project(torch.rand(200, 28, 28, device=CUDA))
+        gens = [PhiloxGenerator(seed) for seed in (1, 2, 3)]
+        assert model.recurs_repeats(xp, AdditiveGaussian(0.5), gens)
+        together = model.recur_repeats(xp, AdditiveGaussian(0.5), gens)
+        for seed, logits in zip((1, 2, 3), together):
+            torch.testing.assert_close(logits, model.recur(xp, AdditiveGaussian(0.5), PhiloxGenerator(seed)), rtol=1e-4, atol=1e-4)

@@ -110,3 +110,30 @@ def test_other_inference_noise_models(store_with_model, kind):
     store, mid = store_with_model
     df = evaluate(store, [mid], EvalSpec(sigma_val=(0.0, 1.0), repeats=2, batch_size=64, noise=kind))
     assert (df["noise_val"] == kind).all() and len(df) == 4
+
+
+@pytest.mark.parametrize("arch,data", [("lstm", "rows"), ("lstm", "strokes"), ("rnn", "rows")])
+def test_on_a_gpu_the_repeats_of_a_point_run_as_one_pass_with_each_cells_counts(monkeypatch, fixture_data, arch, data):
+    """On a GPU the noisy passes of a batch with one noise model run together (one batched
+    pass per up to REPEATS_SAMPLES samples) and give each cell the counts of its own pass.
+    Here: the CPU's torch implementation with the GPU's way switched on; groups of two."""
+    from dni import kernels
+    from dni.models import NoisyRecurrent
+    from dni.noise import PhiloxGenerator
+
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    torch.manual_seed(0)
+    test = load_dataset(data, "test", limit=300)
+    model = build_model(arch, test.inputs)
+    ev = EvalSpec(batch_size=100)
+    cells = [(0.5, 0), (1.0, 0), (0.0, 0), (0.5, 1), (0.5, 2), (1.0, 1)]
+    one_by_one = run_cells(model, "m", test, cells, ev, torch.device("cpu"))
+    monkeypatch.setattr(PhiloxGenerator, "draws_ahead_on", staticmethod(lambda device: True))
+    per_sample = test.x.shape[1] * 100 * model.weight.shape[0] + 100 * 10
+    monkeypatch.setattr(NoisyRecurrent, "REPEATS_SAMPLES", 2 * per_sample)
+    batched = []
+    real = NoisyRecurrent.recur_repeats
+    monkeypatch.setattr(NoisyRecurrent, "recur_repeats", lambda self, xp, noise, gens: (batched.append((noise.sigma, len(gens))), real(self, xp, noise, gens))[1])
+    assert run_cells(model, "m", test, cells, ev, torch.device("cpu")) == one_by_one
+    batches = -(-len(test) // 100)
+    assert batches >= 2 and batched == [(0.5, 2), (0.5, 1), (1.0, 2)] * batches  # per test batch: sigma 0.5 in two parts, 1.0 in one

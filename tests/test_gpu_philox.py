@@ -60,7 +60,7 @@ def test_the_triton_kernel_draws_the_stream_bit_for_bit_and_serves_draws_ahead()
 def test_draws_on_a_gpu_take_the_triton_kernel_and_the_cpu_never_does(monkeypatch):
     calls = []
     monkeypatch.setattr(gpu_philox, "available", lambda device: device.type != "cpu")
-    monkeypatch.setattr(gpu_philox, "normal", lambda n, key, counter, device: calls.append((n, key, counter, device.type)))
+    monkeypatch.setattr(gpu_philox, "normal", lambda n, key, counter, device, out=None: calls.append((n, key, counter, device.type)))
     kernels.normal_on(8, 5, 2, torch.device("meta"))
     assert calls == [(8, 5, 2, "meta")]
     assert torch.equal(kernels.normal_on(8, 5, 2, torch.device("cpu")), kernels.normal_torch(8, 5, 2)) and len(calls) == 1

@@ -290,3 +290,33 @@ def test_passes_draw_ahead_only_on_a_gpu():
     from dni.noise import PhiloxGenerator
 
     assert PhiloxGenerator.draws_ahead_on(torch.device("cuda")) and not PhiloxGenerator.draws_ahead_on(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("arch,inputs,steps", [("lstm", 28, 28), ("lstm", 2, 50), ("rnn", 28, 28)])
+def test_passes_run_together_give_each_its_own_logits_and_stream_position(monkeypatch, arch, inputs, steps):
+    """NoisyRecurrent.recur_repeats (a GPU's way to run the repeats of a point): pass r has
+    the logits of recur() with generator r, bit for bit here (the CPU's torch ops), and
+    leaves each stream where that pass would."""
+    from dni import kernels
+    from dni.noise import PhiloxGenerator
+
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    torch.manual_seed(1)
+    model = build_model(arch, inputs)
+    xp = model.project(torch.rand(30, steps, inputs))
+    noise = AdditiveGaussian(0.8)
+    with torch.no_grad():
+        gens = [PhiloxGenerator(seed) for seed in (11, 12, 13)]
+        for g in gens:
+            g.take(1000)  # streams already advanced by earlier batches
+        assert not model.recurs_repeats(xp, noise, gens)  # on a CPU passes run one by one
+        monkeypatch.setattr(PhiloxGenerator, "draws_ahead_on", staticmethod(lambda device: True))
+        assert model.recurs_repeats(xp, noise, gens) and not model.recurs_repeats(xp, AdditiveGaussian(0.0), gens)
+        together = model.recur_repeats(xp, noise, gens)
+        for seed, logits, g in zip((11, 12, 13), together, gens):
+            alone = PhiloxGenerator(seed)
+            alone.take(1000)
+            assert torch.equal(logits, model.recur(xp, noise, alone))
+            assert g.counter == alone.counter
+        gens[0].take(4)
+        assert not model.recurs_repeats(xp, noise, gens)  # streams out of step
