@@ -6,7 +6,8 @@ repeat). Cells are therefore independent of each other and of the order they are
 in, so stored cells are reused and a partial evaluation resumes to identical numbers.
 
 The input projection ``W_x·x_t + b`` does not depend on the noise; it is computed once per
-test batch and shared by every cell of that batch.
+test batch and shared by every cell of that batch. On a GPU the noisy passes of a batch
+that share a noise model run together as batched passes (:func:`count_correct`).
 """
 
 from __future__ import annotations
