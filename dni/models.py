@@ -265,33 +265,23 @@ class NoisyRecurrent(nn.Module):
         with the same samples (each stream advances as that pass would advance it), run as
         one batched pass. On a GPU each pass's ~300 small kernels cost more to launch than
         to run; batched, the passes share the launches. Only where :meth:`recurs_repeats`."""
-        from dni import kernels
+        from dni.noise import philox_draws
 
         steps, batch, rows = xp.shape
         passes, classes = len(generators), self.fc.out_features
-        starts = [generators[0].take(batch * rows) for _ in range(steps)] + [generators[0].take(batch * classes)]
-        for g in generators[1:]:  # the streams are in step: the same positions
-            for n in [batch * rows] * steps + [batch * classes]:
-                g.take(n)
-        first, end = starts[0], generators[0].counter
-        z = xp.new_empty(passes, 4 * (end - first))
-        for r, g in enumerate(generators):
-            kernels.normal_on(z.shape[1], g.key, first, xp.device, out=z[r])
-        sigma = float(noise.sigma)
+        z, offsets = philox_draws(generators, [batch * rows] * steps + [batch * classes], xp.device)
 
-        def noise_at(k: int, n: int, shape) -> torch.Tensor:
-            offset = 4 * (starts[k] - first)
-            return z[:, offset : offset + n].view(passes, *shape)
+        def samples(k: int, shape) -> torch.Tensor:  # every pass's samples of draw k
+            return z[:, offsets[k] : offsets[k] + shape[0] * shape[1]].view(passes, *shape)
 
         w_h = self.weight[:, self.input_size :].t().expand(passes, self.hidden_size, rows)
         h = xp.new_zeros(passes, batch, self.hidden_size)
         c = xp.new_zeros(passes, batch, self.hidden_size) if self.arch == "lstm" else None
         for t, xp_t in enumerate(xp.unbind(0)):
             # Eq. (2) for every pass: the product of recur(), then its own samples
-            pre = torch.baddbmm(xp_t, h, w_h).add_(noise_at(t, batch * rows, (batch, rows)), alpha=sigma)
-            h, c = self.step(pre, c)
+            h, c = self.step(noise.add_samples_(torch.baddbmm(xp_t, h, w_h), samples(t, (batch, rows))), c)
         logits = torch.baddbmm(self.fc.bias, h, self.fc.weight.t().expand(passes, self.hidden_size, classes))
-        return logits.add_(noise_at(steps, batch * classes, (batch, classes)), alpha=sigma)
+        return noise.add_samples_(logits, samples(steps, (batch, classes)))
 
     def _recur_sites(self, xp, noise, generator, observer, sites):
         w_h = self._op(self.weight[:, self.input_size :])

@@ -133,6 +133,23 @@ class PhiloxGenerator:
 Generator = torch.Generator | PhiloxGenerator | None
 
 
+def philox_draws(generators: list[PhiloxGenerator], sizes: list[int], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """The samples of the draws ``sizes`` (in that order) from each of ``generators``, whose
+    streams stand at one position: one row per generator, one kernel each (on a GPU), and
+    each draw's offset in the rows. Every generator advances as those draws would advance it."""
+    from dni import kernels
+
+    starts = [generators[0].take(n) for n in sizes]
+    for g in generators[1:]:
+        for n in sizes:
+            g.take(n)
+    first = starts[0]
+    z = torch.empty(len(generators), 4 * (generators[0].counter - first), device=device)
+    for row, g in zip(z, generators):
+        kernels.normal_on(z.shape[1], g.key, first, device, out=row)
+    return z, [4 * (s - first) for s in starts]
+
+
 def draw_ahead(generator: Generator, noise: NoiseModel, n: int, device: torch.device) -> None:
     """Before a pass that draws ``n`` samples on ``device``: let ``generator`` compute them
     in one go where that is faster (:meth:`PhiloxGenerator.prefetch`); else nothing."""
@@ -175,6 +192,11 @@ class AdditiveGaussian(_GaussianNoise):
     sees independent noise. ``sigma == 0`` returns the input unchanged (exactly the
     noise-free network, no random numbers drawn).
     """
+
+    def add_samples_(self, pre: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """In place, for inference: ``pre + sigma * z`` with samples ``z`` drawn elsewhere
+        (:func:`philox_draws`), the operation of the in-place draw below."""
+        return pre.add_(z, alpha=self.sigma)
 
     def __call__(self, pre: torch.Tensor, generator: Generator) -> torch.Tensor:
         if self.sigma == 0.0:
