@@ -38,13 +38,17 @@ def same_training(a, b) -> None:
 def test_a_stack_trains_each_member_bit_for_bit_as_it_trains_alone(fixture_data, arch, data, threads):
     """Same products (each member's input projection its own GEMM), the same noise samples
     scaled per member, the same losses, per-member clipping and element-wise Adam."""
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    specs = members(dataclasses.replace(BASE, arch=arch, data=data))
-    together = train_stack(list(reversed(specs)))  # any order in, results in that order
-    for spec, stacked in zip(reversed(specs), together):
-        same_training(train(spec), stacked)
-        assert stacked.meta["stack"]["members"] == [specs[0].model_id, specs[2].model_id, specs[1].model_id]  # noise-free first
-        assert stacked.meta["wall_time_s"] == pytest.approx(stacked.meta["stack"]["wall_time_s"] / 3)
+    try:
+        specs = members(dataclasses.replace(BASE, arch=arch, data=data))
+        together = train_stack(list(reversed(specs)))  # any order in, results in that order
+        for spec, stacked in zip(reversed(specs), together):
+            same_training(train(spec), stacked)
+            assert stacked.meta["stack"]["members"] == [specs[0].model_id, specs[2].model_id, specs[1].model_id]  # noise-free first
+            assert stacked.meta["wall_time_s"] == pytest.approx(stacked.meta["stack"]["wall_time_s"] / 3)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_stack_of_philox_members_draws_its_noise_ahead_with_the_same_bits(fixture_data, monkeypatch):
