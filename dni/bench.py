@@ -19,7 +19,8 @@ bf16 ``bf16_vs_fused`` and ``bf16_vs_naive`` (null where bf16 has no fast path).
 
 On a GPU (``device="cuda"``) the same measurements run there, each timed call ending with
 a synchronisation: the references are cuDNN's fused ``nn.LSTM``/``nn.RNN``, dni's noise is
-the torch implementation of the same Philox stream, and bf16 (fp32 products of rounded
+the same Philox stream drawn by its Triton kernel (by torch ops without Triton), dni's
+noisy passes of a batch run together (dni.evaluate.count_correct), and bf16 (fp32 products of rounded
 operands there) and the processes-against-threads comparison, a CPU question, are left
 out.
 """
@@ -262,7 +263,12 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
         f"compiled kernels: {kernels.available()}; bf16 GEMM peak: {bf16_peak}")
     rates = normals(device)
     result["normals_per_s"] = rates
-    log(f"N(0,1) samples/s: dni's Philox stream {rates['dni'] / 1e9:.2f} G ({'compiled kernel' if device.type == 'cpu' else 'Triton kernel' if kernels._triton_on(device) else 'torch ops'}), "
+    drawn_by = "compiled kernel"
+    if device.type != "cpu":
+        from dni import gpu_philox
+
+        drawn_by = "Triton kernel" if gpu_philox.available(device) else "torch ops"
+    log(f"N(0,1) samples/s: dni's Philox stream {rates['dni'] / 1e9:.2f} G ({drawn_by}), "
         f"the same stream in torch ops {rates['torch_ops'] / 1e9:.2f} G, torch.randn {rates['randn'] / 1e9:.2f} G")
     log(f"{'shape':16s} {'fused torch':>12s} {'naive noisy':>12s} {'dni noisy':>12s} {'vs fused':>9s} {'vs naive':>9s} {'% peak':>7s} "
         f"{'dni bf16':>10s} {'vs fused':>9s} {'vs naive':>9s}   (sequences/s, batch 1000; bf16 changes the numbers)")

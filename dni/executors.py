@@ -96,22 +96,11 @@ class LocalExecutor:
         gpus = torch.cuda.device_count() if self.device == "cuda" else 1  # the GPUs _device() spreads jobs over
         groups = stack_groups(plan.train, self.device, self.stack, min(gpus, self.jobs))
 
-        def trained(outcomes: list[TrainOutcome]) -> list[str]:
-            """Report the outcomes; return the models whose evaluation may start."""
-            done = []
-            for outcome in outcomes:
-                if outcome.error is not None:
-                    failures.append(f"train {outcome.model_id}: {outcome.error}")
-                else:
-                    on_trained(outcome)
-                    done.append(outcome.model_id)
-            return done
-
         if self.jobs == 1:  # in-process: no start-up cost, easy to debug
             set_threads(self.threads)
             for group in groups:
                 try:
-                    for mid in trained(train_stack_job(root, group, self.data_dir, self.device)):
+                    for mid in _report(train_stack_job(root, group, self.data_dir, self.device), on_trained, failures):
                         ready.extend((mid, s) for s in waiting.pop(mid, []))
                 except DniError as exc:
                     failures.append(f"train {_names(group)}: {exc}")
@@ -143,7 +132,7 @@ class LocalExecutor:
                                 failures.append(f"{kind} {name}: {exc}")
                                 continue
                             if kind == "train":
-                                for mid in trained(result):
+                                for mid in _report(result, on_trained, failures):
                                     for sigma in waiting.pop(mid, []):
                                         submit_eval(mid, sigma)
                             else:
@@ -157,6 +146,19 @@ class LocalExecutor:
 
 def _names(group) -> str:
     return ", ".join(spec.model_id for spec in group)
+
+
+def _report(outcomes: list[TrainOutcome], on_trained: Callable[[TrainOutcome], None], failures: list[str]) -> list[str]:
+    """Pass a training job's outcomes on, a failed member's to ``failures``; return the
+    models whose evaluation may start."""
+    done = []
+    for outcome in outcomes:
+        if outcome.error is not None:
+            failures.append(f"train {outcome.model_id}: {outcome.error}")
+        else:
+            on_trained(outcome)
+            done.append(outcome.model_id)
+    return done
 
 
 @dataclass
@@ -215,17 +217,9 @@ class SlurmExecutor:
         if plan.train:
             groups = stack_groups(plan.train, device, self.stack)  # on GPUs: a sweep seed's members in one task
             n = len(groups)
-
-            def trained(outcomes: list[TrainOutcome]) -> None:
-                for outcome in outcomes:
-                    if outcome.error is not None:
-                        failures.append(f"train {outcome.model_id}: {outcome.error}")
-                    else:
-                        on_trained(outcome)
-
             task = RequeueableTask(train_stack_job)
             jobs = ex.map_array(task, [root] * n, groups, [self.data_dir] * n, [device] * n)
-            failures += self._wait(jobs, [_names(g) for g in groups], trained)
+            failures += self._wait(jobs, [_names(g) for g in groups], lambda outcomes: _report(outcomes, on_trained, failures))
         points = _points(store, sweep) if plan.evaluate else []
         if points:
             task = RequeueableTask(eval_job)

@@ -19,7 +19,6 @@ the kernel runs on CPU tensors through Triton's interpreter (tests).
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -33,11 +32,9 @@ BLOCKS_PER_PROGRAM = 1024  # Philox blocks (4 samples each) per Triton program
 
 
 def available(device: torch.device) -> bool:
-    """Whether :func:`normal` runs on ``device``: a GPU with Triton (or, for tests, the
-    Triton interpreter on any device)."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether draws on ``device`` take :func:`normal`: on a GPU, with Triton. (The
+    interpreter runs it on CPU tensors too, but only for tests, which call it directly.)"""
+    return triton is not None and device.type == "cuda"
 
 
 def normal(n: int, key: int, counter: int, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:

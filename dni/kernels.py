@@ -605,20 +605,13 @@ def normal_on(n: int, key: int, counter: int, device: torch.device | str = "cpu"
     installed, which it is with torch's CUDA builds; else the torch ops. Written into
     ``out`` (contiguous, ``n`` float32) where given."""
     device = torch.device(device)
-    if _triton_on(device):
+    if device.type != "cpu":  # (not imported on a CPU: importing Triton takes a while)
         from dni import gpu_philox
 
-        return gpu_philox.normal(n, key, counter, device, out)
+        if gpu_philox.available(device):
+            return gpu_philox.normal(n, key, counter, device, out)
     z = normal_torch(n, key, counter, device)
     return z if out is None else out.copy_(z)
-
-
-def _triton_on(device: torch.device) -> bool:
-    if device.type == "cpu":  # (the interpreter runs on CPU tensors too, but only for tests)
-        return False
-    from dni import gpu_philox
-
-    return gpu_philox.available(device)
 
 
 def normal_torch(n: int, key: int, counter: int, device: torch.device | str = "cpu") -> torch.Tensor:

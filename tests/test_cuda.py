@@ -36,7 +36,7 @@ def test_the_gpu_draws_the_philox_stream_with_its_triton_kernel():
 
     if gpu_philox.triton is None:
         pytest.skip("Triton is not installed (it comes with torch's CUDA builds)")
-    assert kernels._triton_on(CUDA)
+    assert gpu_philox.available(CUDA)
     n, key, counter = 1_000_003, 99, 2**33 + 1
     gpu = gpu_philox.normal(n, key, counter, CUDA).cpu()
     cpu = kernels.normal_torch(n, key, counter)
