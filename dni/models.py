@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from dni import gpu_cells
 from dni.errors import SpecError
 from dni.noise import NoiseModel, draw_ahead
 from dni.precision import operand
@@ -360,6 +361,8 @@ class NoisyLSTM(NoisyRecurrent):
     noisy_products = 4
 
     def step(self, pre, c):
+        if gpu_cells.available(pre):  # on a GPU: one kernel each way instead of 9 forward and 13 backward
+            return gpu_cells.lstm_cell(pre, c)
         i, f, g, o = pre.chunk(4, dim=-1)  # the last dimension: also for stacked models (dni.stacking)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)

@@ -189,3 +189,25 @@ def test_the_repeats_of_a_point_run_together_on_the_gpu_as_they_run_one_by_one()
         together = model.recur_repeats(xp, AdditiveGaussian(0.5), gens)
         for seed, logits in zip((1, 2, 3), together):
             torch.testing.assert_close(logits, model.recur(xp, AdditiveGaussian(0.5), PhiloxGenerator(seed)), rtol=1e-4, atol=1e-4)
+
+
+def test_the_lstm_cell_runs_as_one_kernel_each_way_on_the_gpu(monkeypatch):
+    """dni.gpu_cells against the torch ops of NoisyLSTM.step, on a stack's shape: values and
+    gradients to float rounding."""
+    from dni import gpu_cells
+
+    if gpu_cells.triton is None:
+        pytest.skip("Triton is not installed (it comes with torch's CUDA builds)")
+    torch.manual_seed(0)
+    model = build_model("lstm", 28).to(CUDA)
+    pre = (3 * torch.randn(11, 128, 512, device=CUDA)).requires_grad_()
+    c = torch.randn(11, 128, 128, device=CUDA).requires_grad_()
+    dh, dc = torch.randn(11, 128, 128, device=CUDA), torch.randn(11, 128, 128, device=CUDA)
+    assert gpu_cells.available(pre)
+    results = []
+    for kernel in (True, False):
+        monkeypatch.setattr(gpu_cells, "available", lambda pre: kernel)
+        h, c_new = model.step(pre, c)
+        results.append([h, c_new, *torch.autograd.grad((h * dh).sum() + (c_new * dc).sum(), (pre, c))])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

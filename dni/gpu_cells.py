@@ -1,0 +1,117 @@
+"""The LSTM cell's element-wise maths as one Triton kernel each way, for GPUs.
+
+:meth:`dni.models.NoisyLSTM.step` takes the noisy pre-activations ``[i | f | g | o]`` and the
+cell state to ``(h_t, c_t)``: in torch ops that is 9 element-wise kernels forward and 13
+backward, each over a few hundred thousand numbers, which a GPU runs in far less time than
+it takes to launch them. Training a stack of models (dni.stacking) and evaluating a point's
+repeats together (:meth:`~dni.models.NoisyRecurrent.recur_repeats`) are bound by these
+launches. Here the forward is one kernel (gates, cell update, output, and the activations
+that the backward needs) and the backward is one kernel, wrapped as an autograd function;
+the products and the noise stay where they are (dni.models, dni.noise).
+
+The maths is the compiled CPU step's (``dni/csrc/philox_normal.c``): sigmoid(x) =
+1 / (1 + exp(-x)) and tanh(x) = 2 sigmoid(2x) - 1 (exact in reals; in float32 within ~6e-8 of
+tanh, absolutely, so relatively coarse for |x| << 1). It equals the torch ops up to float
+rounding, not bit for bit, as everything computed on a GPU does (the stored results are
+CPU results). Triton comes with the CUDA builds of torch; without it, or on a CPU, the torch
+ops run. With ``TRITON_INTERPRET=1`` set before Triton is imported, the kernels run on CPU
+tensors through Triton's interpreter (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dni.gpu_philox import triton
+
+if triton is not None:
+    import triton.language as tl
+
+BLOCK = 1024  # hidden units per Triton program
+
+
+def available(pre: torch.Tensor) -> bool:
+    """Whether :meth:`~dni.models.NoisyLSTM.step` takes :func:`lstm_cell` for ``pre``: on a
+    GPU with Triton, in float32."""
+    return triton is not None and pre.device.type == "cuda" and pre.dtype == torch.float32
+
+
+def lstm_cell(pre: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h_t, c_t)`` from pre-activations ``pre`` (..., 4H), gate order (i, f, g, o), and
+    the cell state ``c`` (..., H), differentiable in both."""
+    return _LSTMCell.apply(pre, c)
+
+
+class _LSTMCell(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, c: torch.Tensor):
+        pre, c = pre.contiguous(), c.contiguous()
+        h, c_new = torch.empty_like(c), torch.empty_like(c)
+        save = any(ctx.needs_input_grad)
+        act = torch.empty_like(pre) if save else h  # i, f, g, o after their activations; unused otherwise
+        n, hidden = c.numel(), c.shape[-1]
+        if n:
+            _lstm_forward[(triton.cdiv(n, BLOCK),)](pre, c, h, c_new, act, n, hidden, SAVE=save, BLOCK=BLOCK)
+        if save:
+            ctx.save_for_backward(act, c, c_new)
+            ctx.set_materialize_grads(False)  # an output without a gradient comes as None, not zeros
+        return h, c_new
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor | None, dc: torch.Tensor | None):
+        act, c, c_new = ctx.saved_tensors
+        d_pre, d_c = torch.empty_like(act), torch.empty_like(c)
+        dh = torch.zeros_like(c) if dh is None else dh.contiguous()
+        n, hidden = c.numel(), c.shape[-1]
+        if n:
+            _lstm_backward[(triton.cdiv(n, BLOCK),)](act, c, c_new, dh, dh if dc is None else dc.contiguous(), d_pre, d_c,
+                                                     n, hidden, HAS_DC=dc is not None, BLOCK=BLOCK)
+        return d_pre, d_c if ctx.needs_input_grad[1] else None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sigmoid(x):
+        return 1.0 / (1.0 + tl.exp(-x))
+
+    @triton.jit
+    def _lstm_forward(pre_ptr, c_ptr, h_ptr, c_new_ptr, act_ptr, n, hidden, SAVE: tl.constexpr, BLOCK: tl.constexpr):
+        k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # (row, unit) of the state
+        live = k < n
+        row = k // hidden
+        at = k + 3 * hidden * row  # the unit's input-gate pre-activation: row * 4H + unit
+        i = _sigmoid(tl.load(pre_ptr + at, mask=live, other=0.0))
+        f = _sigmoid(tl.load(pre_ptr + at + hidden, mask=live, other=0.0))
+        g = 2.0 * _sigmoid(2.0 * tl.load(pre_ptr + at + 2 * hidden, mask=live, other=0.0)) - 1.0
+        o = _sigmoid(tl.load(pre_ptr + at + 3 * hidden, mask=live, other=0.0))
+        c = f * tl.load(c_ptr + k, mask=live, other=0.0) + i * g
+        tl.store(c_new_ptr + k, c, mask=live)
+        tl.store(h_ptr + k, o * (2.0 * _sigmoid(2.0 * c) - 1.0), mask=live)
+        if SAVE:
+            tl.store(act_ptr + at, i, mask=live)
+            tl.store(act_ptr + at + hidden, f, mask=live)
+            tl.store(act_ptr + at + 2 * hidden, g, mask=live)
+            tl.store(act_ptr + at + 3 * hidden, o, mask=live)
+
+    @triton.jit
+    def _lstm_backward(act_ptr, c_ptr, c_new_ptr, dh_ptr, dc_ptr, d_pre_ptr, d_c_ptr, n, hidden,
+                       HAS_DC: tl.constexpr, BLOCK: tl.constexpr):
+        k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        live = k < n
+        row = k // hidden
+        at = k + 3 * hidden * row
+        i = tl.load(act_ptr + at, mask=live, other=0.0)
+        f = tl.load(act_ptr + at + hidden, mask=live, other=0.0)
+        g = tl.load(act_ptr + at + 2 * hidden, mask=live, other=0.0)
+        o = tl.load(act_ptr + at + 3 * hidden, mask=live, other=0.0)
+        dh = tl.load(dh_ptr + k, mask=live, other=0.0)
+        tc = 2.0 * _sigmoid(2.0 * tl.load(c_new_ptr + k, mask=live, other=0.0)) - 1.0
+        dc = dh * o * (1.0 - tc * tc)  # through h = o tanh(c), plus the next step's gradient of c
+        if HAS_DC:
+            dc += tl.load(dc_ptr + k, mask=live, other=0.0)
+        tl.store(d_pre_ptr + at, dc * g * i * (1.0 - i), mask=live)
+        tl.store(d_pre_ptr + at + hidden, dc * tl.load(c_ptr + k, mask=live, other=0.0) * f * (1.0 - f), mask=live)
+        tl.store(d_pre_ptr + at + 2 * hidden, dc * i * (1.0 - g * g), mask=live)
+        tl.store(d_pre_ptr + at + 3 * hidden, dh * tc * o * (1.0 - o), mask=live)
+        tl.store(d_c_ptr + k, dc * f, mask=live)

@@ -1,0 +1,123 @@
+"""The LSTM cell's Triton kernels (dni.gpu_cells), which GPUs run the cell with: here
+through Triton's interpreter on CPU tensors, against the torch ops of NoisyLSTM.step. (The
+interpreter must be chosen before Triton is imported, hence a process of its own.)"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dni import gpu_cells
+from dni.models import build_model
+
+pytestmark = pytest.mark.skipif(gpu_cells.triton is None, reason="Triton is not installed")
+ROOT = Path(__file__).resolve().parent.parent
+
+CHECKS = """
+import torch
+import torch.nn.functional as F
+from dni import gpu_cells
+from dni.models import NoisyLSTM, build_model
+from dni.noise import AdditiveGaussian, PhiloxGenerator
+from dni.stacking import StackedRecurrent
+
+torch.manual_seed(0)
+H = 8
+ops = lambda pre: False
+kernel = lambda pre: True
+
+
+def close(a, b, tol=1e-6):
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def reference(pre, c):  # the torch ops, in float64
+    gpu_cells.available = ops
+    h, c = NoisyLSTM.step(None, pre.double(), c.double())
+    return h, c
+
+
+# One cell: values and gradients against float64 torch ops, for one model's shape and a
+# stack's, large pre-activations included, with each output's gradient present or absent.
+for shape in [(5,), (3, 5), (2, 1)]:
+    pre = (torch.randn(*shape, 4 * H) * 4).requires_grad_()
+    c = torch.randn(*shape, H).requires_grad_()
+    with torch.no_grad():
+        pre[..., 0] = 95.0  # exp overflows in the other sign
+        pre[..., H + 1] = -95.0
+    h, c_new = gpu_cells.lstm_cell(pre, c)
+    h_ref, c_ref = reference(pre, c)
+    close(h.double(), h_ref), close(c_new.double(), c_ref)
+    dh, dc = torch.randn_like(h), torch.randn_like(c)
+    for with_h, with_c in [(True, True), (True, False), (False, True)]:
+        loss = lambda h, c: (h * dh.to(h.dtype)).sum() * with_h + (c * dc.to(c.dtype)).sum() * with_c
+        got = torch.autograd.grad(loss(h, c_new), (pre, c), retain_graph=True)
+        want = torch.autograd.grad(loss(h_ref, c_ref), (pre, c), retain_graph=True)
+        for a, b in zip(got, want):
+            close(a.double(), b.double(), 2e-6)
+
+# Only pre-activations that need a gradient (the first step's zero cell state does not).
+pre = torch.randn(4, 4 * H).requires_grad_()
+h, _ = gpu_cells.lstm_cell(pre, torch.zeros(4, H))
+(g,) = torch.autograd.grad(h.sum(), pre)
+h_ref, _ = reference(pre, torch.zeros(4, H))
+(g_ref,) = torch.autograd.grad(h_ref.sum(), pre)
+close(g.double(), g_ref.double())
+with torch.no_grad():  # inference: nothing saved, outputs without a graph
+    h, c_new = gpu_cells.lstm_cell(pre, torch.zeros(4, H))
+    assert not h.requires_grad and not c_new.requires_grad
+
+# Where NoisyLSTM.step takes it: a model's noisy training pass, a stack's, and the repeats
+# of a point run together give what the torch ops give, gradients included.
+model = build_model("lstm", 3, hidden_size=H)
+x, y = torch.rand(6, 5, 3), torch.randint(0, 10, (6,))
+stack = StackedRecurrent([model] * 3, [0.0, 0.3, 0.6])
+
+
+def trained(module, run):
+    module.zero_grad(set_to_none=True)
+    out = run()
+    F.cross_entropy(out.flatten(0, -2), y.repeat(out.numel() // out.shape[-1] // len(y))).backward()
+    return [out.detach()] + [p.grad.clone() for p in module.parameters()]
+
+
+for module, run in [(model, lambda: model(x, AdditiveGaussian(0.5), torch.Generator().manual_seed(2))),
+                    (stack, lambda: stack(x, torch.Generator().manual_seed(1)))]:
+    gpu_cells.available = kernel
+    got = trained(module, run)
+    gpu_cells.available = ops
+    for a, b in zip(got, trained(module, run)):
+        close(a, b, 1e-5)
+
+PhiloxGenerator.draws_ahead_on = staticmethod(lambda device: True)
+with torch.no_grad():
+    xp = model.project(x)
+    gpu_cells.available = kernel
+    got = model.recur_repeats(xp, AdditiveGaussian(0.4), [PhiloxGenerator(k) for k in range(4)])
+    gpu_cells.available = ops
+    close(got, model.recur_repeats(xp, AdditiveGaussian(0.4), [PhiloxGenerator(k) for k in range(4)]), 1e-5)
+print("ok")
+"""
+
+
+def test_the_cell_kernels_give_the_torch_ops_values_and_gradients():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_the_lstm_step_takes_the_cell_kernels_where_available_and_never_on_the_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gpu_cells, "lstm_cell", lambda pre, c: calls.append(pre.device) or (pre, c))
+    model = build_model("lstm", 3, hidden_size=8)
+    pre = torch.randn(2, 32)
+    assert not gpu_cells.available(pre)
+    h, c = model.step(pre, torch.zeros(2, 8))
+    assert calls == [] and h.shape == (2, 8)
+    monkeypatch.setattr(gpu_cells, "available", lambda pre: True)
+    model.step(pre, torch.zeros(2, 8))
+    assert calls == [torch.device("cpu")]
