@@ -43,7 +43,7 @@ from dni.models import build_model
 from dni.noise import AdditiveGaussian, PhiloxGenerator
 from dni.optim import clip_and_step
 from dni.precision import products_in
-from dni.stacking import StackedRecurrent
+from dni.stacking import StackedRecurrent, batched, member_losses
 
 SHAPES = {"rows": (28, 28), "strokes": (50, 2)}
 H = 128
@@ -208,13 +208,14 @@ def training(arch: str, data: str, batch: int = 128, device: torch.device | str 
     stack = StackedRecurrent([model] * STACK, [k / (STACK - 1) for k in range(STACK)]).to(device)  # a sweep's sigma_train grid
     opt_stack = torch.optim.Adam(stack.parameters())
 
+    together = batched(device)
+
     def step_stacked(gen):  # as dni.train does for a stack: one loss per member, each clipped alone
-        logits = stack(x, gen)
-        losses = torch.stack([F.cross_entropy(each, y) for each in logits.unbind(0)])
+        losses = member_losses(stack(x, gen), y, range(STACK), together)
         losses.detach().tolist()
         opt_stack.zero_grad(set_to_none=True)
         losses.sum().backward()
-        clip_and_step(opt_stack, 1.0, members=range(STACK))
+        clip_and_step(opt_stack, 1.0, range(STACK), together)
 
     philox, torch_gen = PhiloxGenerator(0), torch.Generator(device).manual_seed(0)
     fns = {"fused": step_ref, "dni": lambda: step_dni(philox), "dni_autograd": lambda: step_dni(torch_gen),

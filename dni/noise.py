@@ -209,7 +209,8 @@ class AdditiveGaussian(_GaussianNoise):
         return pre + self.sigma * gaussian(pre.shape, generator, device=pre.device, dtype=pre.dtype)
 
 
-def add_stacked_gaussian(pre: torch.Tensor, sigmas: torch.Tensor, noiseless: int, generator: Generator) -> torch.Tensor:
+def add_stacked_gaussian(pre: torch.Tensor, sigmas: torch.Tensor, noiseless: int, generator: Generator,
+                         batched: bool = False) -> torch.Tensor:
     """:class:`AdditiveGaussian` for M stacked models (dim 0 of ``pre``) that share one noise
     stream (dni.stacking): member k gets ``pre[k] + sigmas[k] * z`` with the same z, the
     samples each member would draw from its own copy of the stream. The first
@@ -219,11 +220,17 @@ def add_stacked_gaussian(pre: torch.Tensor, sigmas: torch.Tensor, noiseless: int
     Args:
         pre: pre-activations, shape (M, ...).
         sigmas: float32, shape (M, 1, ..., 1) broadcasting against ``pre``.
+        batched: one kernel for all members, ``addcmul`` (the noise-free members add
+            0 z: their values, up to the sign of a zero), instead of ``pre + sigmas * z``
+            on the noisy members, which keeps the bits of each member alone
+            (:func:`dni.stacking.batched`).
     """
     m = pre.shape[0]
     if noiseless >= m:
         return pre
     z = gaussian(pre.shape[1:], generator, device=pre.device, dtype=pre.dtype)
+    if batched:
+        return torch.addcmul(pre, sigmas, z)
     if noiseless == 0:
         return pre + sigmas * z
     return torch.cat((pre[:noiseless], pre[noiseless:] + sigmas[noiseless:] * z))

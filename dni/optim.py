@@ -28,7 +28,8 @@ COMPILED = True
 _matches: bool | None = None  # the once-per-process check of the compiled pass
 
 
-def clip_and_step(opt: torch.optim.Optimizer, max_norm: float, members: Sequence[int] | None = None) -> None:
+def clip_and_step(opt: torch.optim.Optimizer, max_norm: float, members: Sequence[int] | None = None,
+                  batched: bool = False) -> None:
     """Clip the gradients of ``opt``'s parameters to global 2-norm ``max_norm`` and take one
     optimizer step: the bits of ``clip_grad_norm_`` then ``opt.step()``.
 
@@ -37,6 +38,9 @@ def clip_and_step(opt: torch.optim.Optimizer, max_norm: float, members: Sequence
             index of their first dimension: clip each listed member's gradients on their
             own, as ``clip_grad_norm_`` clips one model's. The others' are left as they are.
             Adam is element-wise, so each member then gets the step of its own optimizer.
+        batched: with ``members``, compute all members' norms and scale all their gradients
+            in a few kernels (:func:`clip_members`, the same maths up to rounding) instead of
+            member by member with the bits of each alone (:func:`dni.stacking.batched`).
     """
     params = [p for group in opt.param_groups for p in group["params"]]
     lib = kernels.library() if COMPILED else None
@@ -48,6 +52,9 @@ def clip_and_step(opt: torch.optim.Optimizer, max_norm: float, members: Sequence
     grads = [p.grad for p in params if p.grad is not None]
     if members is None:
         coef = float(clip_coefficient(grads, max_norm))
+    elif batched:
+        clip_members(grads, members, max_norm)
+        coef = 1.0
     else:
         with torch.no_grad():
             for k in members:
@@ -67,6 +74,20 @@ def clip_coefficient(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor
     gradients' device (no synchronisation with a GPU)."""
     total = torch.nn.utils.get_total_norm(grads, 2.0)
     return torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+
+
+@torch.no_grad()
+def clip_members(grads: list[torch.Tensor], members: Sequence[int], max_norm: float) -> None:
+    """Scale the listed members' gradients (dim 0 = member) by their own clipping
+    coefficient, :func:`clip_coefficient`'s maths for every member at once: ~15 kernels for
+    any number of members, where member by member takes ~12 each."""
+    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), 2.0, dim=1) for g in grads], dim=1)
+    coef = torch.clamp(float(max_norm) / (torch.linalg.vector_norm(norms, 2.0, dim=1) + 1e-6), max=1.0)
+    listed = torch.zeros(len(coef), dtype=torch.bool)
+    listed[list(members)] = True
+    coef = torch.where(listed.to(coef.device, non_blocking=True), coef, 1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
 
 
 def _compiled_applies(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> bool:

@@ -27,6 +27,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dni.models import NoisyLSTM, NoisyRecurrent, NoisyRNN
@@ -43,6 +44,26 @@ def stackable(spec: TrainSpec, device: str | torch.device) -> bool:
     if spec.arch not in STACKABLE or spec.noise != "additive" or spec.sites != "all":
         return False
     return torch.device(device).type != "cpu" or spec.rng == "torch"
+
+
+def batched(device: str | torch.device) -> bool:
+    """Whether a stack on ``device`` takes the batched forms of its noise, losses and
+    clipping: one set of kernels for all members, the same maths up to rounding. Off a CPU
+    (a GPU rounds differently from one launch shape to another anyway), where they save
+    launches; on a CPU each member keeps the bits of training alone, as the tests check."""
+    return torch.device(device).type != "cpu"
+
+
+def member_losses(logits: torch.Tensor, y: torch.Tensor, members: Sequence[int], batched: bool = False) -> torch.Tensor:
+    """Cross-entropy of the listed members' logits (dim 0 = member) against ``y``: one
+    loss per member, as a 1-D tensor; member by member (each the bits of its own
+    ``F.cross_entropy``) or ``batched`` as one."""
+    if batched:
+        chosen = logits if len(members) == logits.shape[0] else logits[torch.tensor(members, device=logits.device)]
+        each = F.cross_entropy(chosen.flatten(0, 1), y.repeat(len(members)), reduction="none")
+        return each.view(len(members), -1).mean(1)
+    each = logits.unbind(0)  # one gradient buffer for all members' logits
+    return torch.stack([F.cross_entropy(each[k], y) for k in members])
 
 
 def stack_key(spec: TrainSpec) -> TrainSpec:
@@ -136,13 +157,15 @@ class StackedRecurrent(nn.Module):
         h = x.new_zeros(m, batch, self.hidden_size)
         c = x.new_zeros(m, batch, self.hidden_size) if isinstance(self.template[0], NoisyLSTM) else None
         step = self.template[0].step
+        together = batched(x.device)
         for xp_t in xp.unbind(1):
             # w_h transposed at every step, as the single model does: autograd then sums the
             # steps' gradients in the same order.
-            pre = add_stacked_gaussian(torch.baddbmm(xp_t, h, w_h.transpose(1, 2)), self.sigmas, self.noiseless, generator)
+            pre = add_stacked_gaussian(torch.baddbmm(xp_t, h, w_h.transpose(1, 2)), self.sigmas, self.noiseless, generator,
+                                       together)
             h, c = step(pre, c)
         logits = torch.baddbmm(self.fc_bias.unsqueeze(1), h, self.fc_weight.transpose(1, 2))
-        return add_stacked_gaussian(logits, self.sigmas, self.noiseless, generator)
+        return add_stacked_gaussian(logits, self.sigmas, self.noiseless, generator, together)
 
     def member(self, k: int) -> NoisyRecurrent:
         """Member ``k`` as a model of its own (a copy of its current weights)."""

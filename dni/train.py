@@ -37,7 +37,7 @@ from dni.optim import clip_and_step
 from dni.progress import Reporter, SilentReporter
 from dni.seeding import derive_seed, make_generator
 from dni.spec import TrainSpec
-from dni.stacking import StackedRecurrent, order, stack_key, stackable
+from dni.stacking import StackedRecurrent, batched, member_losses, order, stack_key, stackable
 
 
 @dataclass
@@ -165,6 +165,7 @@ def train_stack(
     opt = torch.optim.Adam(params, lr=spec.lr)
     batches = math.ceil(len(train_ds) / spec.batch_size)
 
+    together = stack is not None and batched(device)  # the stack's batched forms (dni.stacking.batched)
     alive = list(range(len(members)))
     errors: dict[int, DivergenceError] = {}
     history: list[list[dict[str, Any]]] = [[] for _ in members]
@@ -195,9 +196,8 @@ def train_stack(
                     logits = logits.unsqueeze(0)
                 else:
                     logits = stack(x, noise_gen)
-                    each = logits.unbind(0)  # one gradient buffer for all members' logits
-                    losses = [F.cross_entropy(each[k], y) for k in active]
-                    values = torch.stack([loss.detach() for loss in losses]).tolist()  # one synchronisation
+                    losses = member_losses(logits, y, active, together)
+                    values = losses.detach().tolist()  # one synchronisation
                 for k, value in zip(active, values):
                     if not math.isfinite(value):
                         diverged(k, f"training diverged in epoch {epoch}, batch {b}: loss is {value} "
@@ -206,10 +206,13 @@ def train_stack(
                     break
                 for p in params:  # opt.zero_grad(set_to_none=True), without its profiling wrapper
                     p.grad = None
-                kept = [loss for k, loss in zip(active, losses) if k in alive]
+                kept = [j for j, k in enumerate(active) if k in alive]
                 # Each member's loss gets the gradient 1, as one model's loss.backward() gives it.
-                (kept[0] if len(kept) == 1 else torch.stack(kept).sum()).backward()
-                clip_and_step(opt, spec.grad_clip, None if stack is None else alive)
+                if stack is None:
+                    losses[0].backward()
+                else:
+                    (losses if len(kept) == len(active) else losses[kept]).sum().backward()
+                clip_and_step(opt, spec.grad_clip, None if stack is None else alive, together)
                 right = (logits.argmax(2) == y).sum(1).tolist()
                 for k, value in zip(active, values):
                     if k in alive:

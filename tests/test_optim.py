@@ -132,3 +132,22 @@ def test_stacked_members_each_get_the_update_of_their_own_optimizer(compiled, mo
         p.grad = torch.full_like(p, 1e3)
     optim.clip_and_step(opt, 1.0, members=[1])
     assert all((p.grad[0] == 1e3).all() and (p.grad[1] < 1e3).all() for p in stacked)
+
+
+def test_clipping_all_members_at_once_gives_each_its_own_coefficient():
+    """optim.clip_members (a GPU stack's batched clipping): each listed member's gradients
+    scaled by the clip_coefficient of its own, to rounding; members not listed untouched."""
+    gen = torch.Generator().manual_seed(5)
+    members = 4
+    grads = [torch.randn(members, *s, generator=gen) for s in SHAPES]
+    for g, scale in zip(grads, (10.0, 0.01, 1.0, 0.1)):
+        g[1:3] *= scale  # members both above and below the threshold
+    grads[0][3] *= 1e-4
+    want = [g.clone() for g in grads]
+    for k in (0, 1, 3):
+        member = [g[k] for g in want]
+        torch._foreach_mul_(member, optim.clip_coefficient(member, 1.0))
+    optim.clip_members(grads, [0, 1, 3], 1.0)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=0.0)
+    assert all(torch.equal(g[2], w[2]) for g, w in zip(grads, want))

@@ -70,13 +70,46 @@ def test_a_stack_of_philox_members_draws_its_noise_ahead_with_the_same_bits(fixt
         same_training(train(spec), stacked)
 
 
+def close_training(a, b) -> None:
+    """Two results of one spec that differ by float rounding: close weights and accuracies."""
+    assert a.spec == b.spec
+    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-4)
+    assert [len(r.history) for r in (a, b)] == [len(a.history)] * 2
+    for x, y in zip(a.history, b.history):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
+        assert abs(x["val_accuracy"] - y["val_accuracy"]) <= 2 / 60  # a digit near a class boundary may flip
+
+
+@pytest.mark.parametrize("arch", ["lstm", "rnn"])
+def test_the_batched_forms_of_a_gpu_stack_give_each_member_its_training_to_rounding(fixture_data, monkeypatch, arch):
+    """Off a CPU a stack adds the noise with one addcmul, takes all members' losses as one
+    cross-entropy and clips them in a few kernels (dni.stacking.batched): here forced on the
+    CPU, each member still trains as it trains alone, to float rounding; a member that
+    diverges still stops alone."""
+    forced = []
+    monkeypatch.setattr("dni.stacking.batched", lambda device: forced.append(device) or True)
+    monkeypatch.setattr("dni.train.batched", lambda device: forced.append(device) or True)
+    monkeypatch.setattr("dni.train.stackable", lambda spec, device: True)
+    specs = members(dataclasses.replace(BASE, arch=arch, epochs=1))
+    together = train_stack(specs)
+    assert forced
+    for spec, stacked in zip(specs, together):
+        close_training(train(spec), stacked)
+    monkeypatch.setattr("dni.stacking.add_stacked_gaussian", _nan_for_member(1))
+    together = train_stack(specs)
+    assert isinstance(together[1], DivergenceError) and "epoch 1, batch 1" in str(together[1])
+    for k in (0, 2):
+        close_training(train(specs[k]), together[k])
+
+
 def _nan_for_member(k):
     import dni.stacking
 
     real = dni.stacking.add_stacked_gaussian
 
-    def noisy(pre, sigmas, noiseless, generator):
-        out = real(pre, sigmas, noiseless, generator)
+    def noisy(pre, sigmas, noiseless, generator, batched=False):
+        out = real(pre, sigmas, noiseless, generator, batched)
         return torch.cat((out[:k], out[k:k + 1] * float("nan"), out[k + 1:]))
 
     return noisy
