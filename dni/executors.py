@@ -181,6 +181,11 @@ class SlurmExecutor:
     poll_s: float = 2.0
     stack: int | None = None  # models per training task (None: a GPU task trains a sweep's members together)
 
+    @property
+    def device(self) -> str:
+        """Where the training tasks run."""
+        return "cuda" if self.gpus else "cpu"
+
     def describe(self) -> str:
         return f"slurm: partition {self.partition or '(default)'}, {self.cpus} CPU(s), {self.gpus} GPU(s), {self.time_min} min"
 
@@ -211,7 +216,7 @@ class SlurmExecutor:
 
     def run(self, store, sweep, plan, on_trained, on_evaluated) -> None:
         ex = self._executor(store.root / "slurm" / sweep.sweep_id)
-        device = "cuda" if self.gpus else "cpu"
+        device = self.device
         failures: list[str] = []
         root = str(store.root.resolve())
         if plan.train:

@@ -41,9 +41,18 @@ STACKABLE = {"lstm": NoisyLSTM, "rnn": NoisyRNN}
 
 def stackable(spec: TrainSpec, device: str | torch.device) -> bool:
     """Whether ``spec`` can be trained in a stack on ``device`` (see the module notes)."""
-    if spec.arch not in STACKABLE or spec.noise != "additive" or spec.sites != "all":
-        return False
-    return torch.device(device).type != "cpu" or spec.rng == "torch"
+    return why_not(spec, device) is None
+
+
+def why_not(spec: TrainSpec, device: str | torch.device) -> str | None:
+    """Why ``spec`` cannot be trained in a stack on ``device``; None where it can."""
+    if spec.arch not in STACKABLE:
+        return f"the {spec.arch} has no stacked cell (lstm and rnn have)"
+    if spec.noise != "additive" or spec.sites != "all":
+        return "only additive noise on every product stacks"
+    if torch.device(device).type == "cpu" and spec.rng != "torch":
+        return "on a CPU only --train-rng torch stacks (with philox the compiled kernels train faster)"
+    return None
 
 
 def batched(device: str | torch.device) -> bool:

@@ -26,6 +26,7 @@ import pandas as pd
 from dni.errors import SpecError
 from dni.evaluate import collect, missing_cells, summarize, summarize_seeds
 from dni.spec import LATER_EVAL_FIELDS, LATER_FIELDS, MAX_CELLS, EvalSpec, TrainSpec, canonical_json
+from dni.stacking import why_not
 from dni.store import Store, atomic_write, write_csv
 
 
@@ -196,6 +197,10 @@ def run_sweep(
         f"sweep {sweep.sweep_id}: {len(todo.train)} of {todo.models_total} models to train, "
         f"{todo.cells_missing} of {todo.cells_total} cells to evaluate ({executor.describe()})"
     )
+    asked = getattr(executor, "stack", None)
+    why = why_not(todo.train[0], executor.device) if asked and asked > 1 and todo.train else None
+    if why:
+        reporter.log(f"--stack {asked}: these models train one at a time: {why}")
     trained = cells = 0
     with reporter.task("models", len(todo.train)) as models_task, reporter.task("cells", todo.cells_missing) as cells_task:
         def on_trained(outcome):

@@ -10,7 +10,7 @@ from dni.errors import DivergenceError, SpecError
 from dni.executors import JobFailures, LocalExecutor
 from dni.jobs import train_stack_job
 from dni.spec import EvalSpec, TrainSpec
-from dni.stacking import StackedRecurrent, stack_groups, stackable
+from dni.stacking import StackedRecurrent, stack_groups, stackable, why_not
 from dni.store import Store
 from dni.sweep import SweepSpec, run_sweep
 from dni.train import train, train_stack
@@ -184,6 +184,18 @@ def test_stack_groups_split_each_seed_evenly_and_leave_the_rest_alone():
     assert stack_groups(odd, "cuda") == [[s] for s in odd]
     assert not stackable(dataclasses.replace(BASE, rng="philox"), "cpu") and stackable(dataclasses.replace(BASE, rng="philox"), "cuda")
     assert not stackable(dataclasses.replace(BASE, sites="cell"), "cuda")
+    assert "train-rng torch" in why_not(dataclasses.replace(BASE, rng="philox"), "cpu")
+    assert "gru" in why_not(dataclasses.replace(BASE, arch="gru"), "cuda") and why_not(BASE, "cpu") is None
+
+
+def test_a_stack_asked_for_models_that_cannot_stack_says_why(tmp_path, fixture_data):
+    args = ["sweep", "--arch", "rnn", "--sigma-train", "0,1", "--sigma-val", "0", "--repeats", "1", "--limit-test", "40", *TINY,
+            "--jobs", "1", "--store", tmp_path / "s"]
+    result = run(*args, "--stack", 2, "--train-rng", "philox")
+    assert result.exit_code == 0 and "--stack 2: these models train one at a time: on a CPU only --train-rng torch" in result.output
+    assert not any("stack" in Store(tmp_path / "s").read_meta(mid) for mid in Store(tmp_path / "s").model_ids())
+    result = run(*args[:-2], "--store", tmp_path / "t", "--stack", 2)
+    assert result.exit_code == 0 and "one at a time" not in result.output
 
 
 def test_sweep_with_stacks_stores_what_one_at_a_time_stores(tmp_path, fixture_data):
