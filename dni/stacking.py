@@ -56,8 +56,9 @@ def why_not(spec: TrainSpec, device: str | torch.device) -> str | None:
 
 
 def batched(device: str | torch.device) -> bool:
-    """Whether a stack on ``device`` takes the batched forms of its noise, losses and
-    clipping: one set of kernels for all members, the same maths up to rounding. Off a CPU
+    """Whether a stack on ``device`` takes the batched forms of its input projection,
+    noise, losses and clipping: one set of kernels for all members, the same maths up to
+    rounding. Off a CPU
     (a GPU rounds differently from one launch shape to another anyway), where they save
     launches; on a CPU each member keeps the bits of training alone, as the tests check."""
     return torch.device(device).type != "cpu"
@@ -152,13 +153,17 @@ class StackedRecurrent(nn.Module):
         batch, steps, n_in = x.shape
         m, rows = self.weight.shape[:2]
         xt = x.transpose(0, 1).reshape(steps * batch, n_in)
-        # Each member's input half as its own product, as the single model computes it: one
-        # product for all would give the same values, but not the same gradient bits (the
-        # BLAS splits the long reduction of W_x's gradient differently for other widths).
-        # (unbind, not indexing: its backward stacks the members' gradients in one go, where
-        # each index would zero-fill a gradient of the whole stack)
-        w_x = self.weight[:, :, :n_in].unbind(0)
-        xp = torch.stack([torch.addmm(b, xt, w.t()) for b, w in zip(self.bias.unbind(0), w_x)])
+        together = batched(x.device)
+        if together:  # every member's input half in one product
+            xp = torch.baddbmm(self.bias.unsqueeze(1), xt.expand(m, -1, -1), self.weight[:, :, :n_in].transpose(1, 2))
+        else:
+            # Each member's input half as its own product, as the single model computes it:
+            # one product for all gives the same values, but not the same gradient bits (the
+            # BLAS splits the long reduction of W_x's gradient differently for other widths).
+            # (unbind, not indexing: its backward stacks the members' gradients in one go,
+            # where each index would zero-fill a gradient of the whole stack)
+            w_x = self.weight[:, :, :n_in].unbind(0)
+            xp = torch.stack([torch.addmm(b, xt, w.t()) for b, w in zip(self.bias.unbind(0), w_x)])
         xp = xp.view(m, steps, batch, rows)
         w_h = self.weight[:, :, n_in:]
         if self.noiseless < m:  # one draw per pre-activation element and per logit, shared by the members
@@ -166,7 +171,6 @@ class StackedRecurrent(nn.Module):
         h = x.new_zeros(m, batch, self.hidden_size)
         c = x.new_zeros(m, batch, self.hidden_size) if isinstance(self.template[0], NoisyLSTM) else None
         step = self.template[0].step
-        together = batched(x.device)
         for xp_t in xp.unbind(1):
             # w_h transposed at every step, as the single model does: autograd then sums the
             # steps' gradients in the same order.
