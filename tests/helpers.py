@@ -19,3 +19,12 @@ def run_dni(args, env_extra=None, data=None):
 def leftovers(root):
     """Temporary or partial files under ``root``."""
     return [p for p in Path(root).rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".part")]
+
+
+def run_interpreted(code: str) -> None:
+    """Run ``code`` (which prints ``ok`` at its end) in a process whose Triton kernels run
+    on CPU tensors through Triton's interpreter (chosen before Triton is imported)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -2,19 +2,14 @@
 through Triton's interpreter on CPU tensors, against the torch ops of NoisyLSTM.step. (The
 interpreter must be chosen before Triton is imported, hence a process of its own.)"""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from dni import gpu_cells
 from dni.models import build_model
+from tests.helpers import run_interpreted
 
 pytestmark = pytest.mark.skipif(gpu_cells.triton is None, reason="Triton is not installed")
-ROOT = Path(__file__).resolve().parent.parent
 
 CHECKS = """
 import torch
@@ -105,9 +100,7 @@ print("ok")
 
 
 def test_the_cell_kernels_give_the_torch_ops_values_and_gradients():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    run_interpreted(CHECKS)
 
 
 def test_the_lstm_step_takes_the_cell_kernels_where_available_and_never_on_the_cpu(monkeypatch):

@@ -3,22 +3,18 @@ with: run here through Triton's interpreter on CPU tensors, against the torch op
 define the stream on every device. (The interpreter must be chosen before Triton is
 imported, hence a process of its own.)"""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from dni import gpu_philox, kernels
+from tests.helpers import run_interpreted
 
 pytestmark = pytest.mark.skipif(gpu_philox.triton is None, reason="Triton is not installed")
-ROOT = Path(__file__).resolve().parent.parent
 
 CHECKS = """
 import torch
 from dni import gpu_philox, kernels
+from tests.helpers import run_interpreted
 from dni.noise import PhiloxGenerator
 
 cpu = torch.device("cpu")
@@ -50,9 +46,7 @@ print("ok")
 
 
 def test_the_triton_kernel_draws_the_stream_bit_for_bit_and_serves_draws_ahead():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    run_interpreted(CHECKS)
 
 
 def test_draws_on_a_gpu_take_the_triton_kernel_and_the_cpu_never_does(monkeypatch):
