@@ -58,9 +58,9 @@ def why_not(spec: TrainSpec, device: str | torch.device) -> str | None:
 def batched(device: str | torch.device) -> bool:
     """Whether a stack on ``device`` takes the batched forms of its input projection,
     noise, losses and clipping: one set of kernels for all members, the same maths up to
-    rounding. Off a CPU
-    (a GPU rounds differently from one launch shape to another anyway), where they save
-    launches; on a CPU each member keeps the bits of training alone, as the tests check."""
+    rounding. Off a CPU, where they save launches (and a GPU rounds differently from one
+    launch shape to another anyway); on a CPU each member keeps the bits of training
+    alone, as the tests check."""
     return torch.device(device).type != "cpu"
 
 
