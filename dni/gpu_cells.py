@@ -28,6 +28,9 @@ if triton is not None:
     import triton.language as tl
 
 BLOCK = 1024  # hidden units per Triton program
+#: Multiply-adds contracted into fused ones (a rounding apart from the torch ops either way;
+#: said explicitly, as Triton's default changes between versions).
+FP_FUSION = True
 
 
 def available(pre: torch.Tensor) -> bool:
@@ -51,7 +54,8 @@ class _LSTMCell(torch.autograd.Function):
         act = torch.empty_like(pre) if save else h  # i, f, g, o after their activations; unused otherwise
         n, hidden = c.numel(), c.shape[-1]
         if n:
-            _lstm_forward[(triton.cdiv(n, BLOCK),)](pre, c, h, c_new, act, n, hidden, SAVE=save, BLOCK=BLOCK)
+            _lstm_forward[(triton.cdiv(n, BLOCK),)](pre, c, h, c_new, act, n, hidden, SAVE=save, BLOCK=BLOCK,
+                                                    enable_fp_fusion=FP_FUSION)
         if save:
             ctx.save_for_backward(act, c, c_new)
             ctx.set_materialize_grads(False)  # an output without a gradient comes as None, not zeros
@@ -65,7 +69,7 @@ class _LSTMCell(torch.autograd.Function):
         n, hidden = c.numel(), c.shape[-1]
         if n:
             _lstm_backward[(triton.cdiv(n, BLOCK),)](act, c, c_new, dh, dh if dc is None else dc.contiguous(), d_pre, d_c,
-                                                     n, hidden, HAS_DC=dc is not None, BLOCK=BLOCK)
+                                                     n, hidden, HAS_DC=dc is not None, BLOCK=BLOCK, enable_fp_fusion=FP_FUSION)
         return d_pre, d_c if ctx.needs_input_grad[1] else None
 
 

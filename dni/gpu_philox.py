@@ -44,8 +44,10 @@ def normal(n: int, key: int, counter: int, device: torch.device, out: torch.Tens
     if n:
         blocks = (n + 3) // 4
         grid = (triton.cdiv(blocks, BLOCKS_PER_PROGRAM),)
+        # No contraction into fused multiply-adds: each float64 operation rounds as torch's does
+        # (Triton's default for it changes between versions).
         _philox_normal[grid](out, n, blocks, int(counter), int(key) & 0xFFFFFFFF, (int(key) >> 32) & 0xFFFFFFFF,
-                             BLOCK=BLOCKS_PER_PROGRAM)
+                             BLOCK=BLOCKS_PER_PROGRAM, enable_fp_fusion=False)
     return out
 
 

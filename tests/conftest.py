@@ -17,6 +17,8 @@ _WORK.mkdir(parents=True, exist_ok=True)
 os.environ["MPLCONFIGDIR"] = str(_WORK / "matplotlib")
 os.environ["XDG_CACHE_HOME"] = str(_WORK / "xdg")
 os.environ["TMPDIR"] = str(_WORK / "tmp")
+os.environ["TRITON_HOME"] = str(_WORK / "triton")  # Triton's compiled kernels
+os.environ["TRITON_CACHE_DIR"] = str(_WORK / "triton" / "cache")
 (_WORK / "tmp").mkdir(exist_ok=True)
 # A test that allocates without bound fails with MemoryError (and names itself) at 16 GiB
 # of address space, instead of taking the machine's memory until the kernel kills the run.

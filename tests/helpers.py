@@ -28,3 +28,21 @@ def run_interpreted(code: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+#: GPU generations the Triton kernels are compiled for in the tests (A100; H100 and H200).
+CUDA_CAPABILITIES = (80, 90)
+
+
+def compile_for_gpus(kernel, signature: dict, constexprs: dict, fp_fusion: bool = True) -> None:
+    """Compile a Triton kernel ahead of time with Triton's own compiler and ptxas for each
+    of :data:`CUDA_CAPABILITIES`, as a GPU would at its first launch; no GPU needed. This
+    catches what the interpreter accepts but the compiler does not."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for capability in CUDA_CAPABILITIES:
+        compiled = triton_compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", capability, 32), options={"enable_fp_fusion": fp_fusion})
+        assert compiled.asm["cubin"], (kernel, capability)

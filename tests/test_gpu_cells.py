@@ -7,7 +7,7 @@ import torch
 
 from dni import gpu_cells
 from dni.models import build_model
-from tests.helpers import run_interpreted
+from tests.helpers import compile_for_gpus, run_interpreted
 
 pytestmark = pytest.mark.skipif(gpu_cells.triton is None, reason="Triton is not installed")
 
@@ -101,6 +101,18 @@ print("ok")
 
 def test_the_cell_kernels_give_the_torch_ops_values_and_gradients():
     run_interpreted(CHECKS)
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_the_cell_kernels_compile_for_the_gpus(flag):
+    ints = {"n": "i32", "hidden": "i32"}
+    compile_for_gpus(gpu_cells._lstm_forward, {**dict.fromkeys(["pre_ptr", "c_ptr", "h_ptr", "c_new_ptr", "act_ptr"], "*fp32"),
+                                               **ints, "SAVE": "constexpr", "BLOCK": "constexpr"}, {"SAVE": flag, "BLOCK": gpu_cells.BLOCK},
+                     gpu_cells.FP_FUSION)
+    compile_for_gpus(gpu_cells._lstm_backward,
+                     {**dict.fromkeys(["act_ptr", "c_ptr", "c_new_ptr", "dh_ptr", "dc_ptr", "d_pre_ptr", "d_c_ptr"], "*fp32"),
+                      **ints, "HAS_DC": "constexpr", "BLOCK": "constexpr"}, {"HAS_DC": flag, "BLOCK": gpu_cells.BLOCK},
+                     gpu_cells.FP_FUSION)
 
 
 def test_the_lstm_step_takes_the_cell_kernels_where_available_and_never_on_the_cpu(monkeypatch):

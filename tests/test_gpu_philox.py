@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from dni import gpu_philox, kernels
-from tests.helpers import run_interpreted
+from tests.helpers import compile_for_gpus, run_interpreted
 
 pytestmark = pytest.mark.skipif(gpu_philox.triton is None, reason="Triton is not installed")
 
 CHECKS = """
 import torch
 from dni import gpu_philox, kernels
-from tests.helpers import run_interpreted
+from tests.helpers import compile_for_gpus, run_interpreted
 from dni.noise import PhiloxGenerator
 
 cpu = torch.device("cpu")
@@ -47,6 +47,15 @@ print("ok")
 
 def test_the_triton_kernel_draws_the_stream_bit_for_bit_and_serves_draws_ahead():
     run_interpreted(CHECKS)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_the_kernel_compiles_for_the_gpus(wide):
+    """For the integer types Triton gives the arguments by their values: small ones, and
+    64-bit sizes, keys and counters (a counter of 2^63 or more is unsigned)."""
+    ints = dict.fromkeys(["n", "blocks", "k0_in", "k1_in"], "i64" if wide else "i32")
+    compile_for_gpus(gpu_philox._philox_normal, {"out_ptr": "*fp32", **ints, "counter": "u64" if wide else "i32",
+                                                 "BLOCK": "constexpr"}, {"BLOCK": gpu_philox.BLOCKS_PER_PROGRAM}, fp_fusion=False)
 
 
 def test_draws_on_a_gpu_take_the_triton_kernel_and_the_cpu_never_does(monkeypatch):
