@@ -27,7 +27,7 @@ from dni.gpu_philox import triton
 if triton is not None:
     import triton.language as tl
 
-BLOCK = 1024  # hidden units per Triton program
+BLOCK = 1024  # (row, unit) elements of the state per Triton program
 #: Multiply-adds contracted into fused ones (a rounding apart from the torch ops either way;
 #: said explicitly, as Triton's default changes between versions).
 FP_FUSION = True
@@ -45,6 +45,17 @@ def lstm_cell(pre: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return _LSTMCell.apply(pre, c)
 
 
+def _launch(kernel, c: torch.Tensor, *args, **constexprs) -> None:
+    """``kernel`` over the (rows, hidden units) of a state shaped like ``c``: a 2-D grid of
+    tiles, so that no program divides an index to find its row."""
+    hidden = c.shape[-1]
+    rows = c.numel() // hidden if hidden else 0
+    if rows:
+        units = min(triton.next_power_of_2(hidden), BLOCK)
+        grid = (triton.cdiv(rows, BLOCK // units), triton.cdiv(hidden, units))
+        kernel[grid](*args, rows, hidden, **constexprs, ROWS=BLOCK // units, UNITS=units, enable_fp_fusion=FP_FUSION)
+
+
 class _LSTMCell(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre: torch.Tensor, c: torch.Tensor):
@@ -52,10 +63,7 @@ class _LSTMCell(torch.autograd.Function):
         h, c_new = torch.empty_like(c), torch.empty_like(c)
         save = any(ctx.needs_input_grad)
         act = torch.empty_like(pre) if save else h  # i, f, g, o after their activations; unused otherwise
-        n, hidden = c.numel(), c.shape[-1]
-        if n:
-            _lstm_forward[(triton.cdiv(n, BLOCK),)](pre, c, h, c_new, act, n, hidden, SAVE=save, BLOCK=BLOCK,
-                                                    enable_fp_fusion=FP_FUSION)
+        _launch(_lstm_forward, c, pre, c, h, c_new, act, SAVE=save)
         if save:
             ctx.save_for_backward(act, c, c_new)
             ctx.set_materialize_grads(False)  # an output without a gradient comes as None, not zeros
@@ -66,10 +74,7 @@ class _LSTMCell(torch.autograd.Function):
         act, c, c_new = ctx.saved_tensors
         d_pre, d_c = torch.empty_like(act), torch.empty_like(c)
         dh = torch.zeros_like(c) if dh is None else dh.contiguous()
-        n, hidden = c.numel(), c.shape[-1]
-        if n:
-            _lstm_backward[(triton.cdiv(n, BLOCK),)](act, c, c_new, dh, dh if dc is None else dc.contiguous(), d_pre, d_c,
-                                                     n, hidden, HAS_DC=dc is not None, BLOCK=BLOCK, enable_fp_fusion=FP_FUSION)
+        _launch(_lstm_backward, c, act, c, c_new, dh, dh if dc is None else dc.contiguous(), d_pre, d_c, HAS_DC=dc is not None)
         return d_pre, d_c if ctx.needs_input_grad[1] else None
 
 
@@ -80,11 +85,17 @@ if triton is not None:
         return 1.0 / (1.0 + tl.exp(-x))
 
     @triton.jit
-    def _lstm_forward(pre_ptr, c_ptr, h_ptr, c_new_ptr, act_ptr, n, hidden, SAVE: tl.constexpr, BLOCK: tl.constexpr):
-        k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # (row, unit) of the state
-        live = k < n
-        row = k // hidden
-        at = k + 3 * hidden * row  # the unit's input-gate pre-activation: row * 4H + unit
+    def _tile(rows, hidden, ROWS: tl.constexpr, UNITS: tl.constexpr):
+        """This program's tile: the offsets of its (row, unit) elements in the state, those of
+        their input-gate pre-activations (row * 4H + unit), and which of them exist."""
+        row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
+        unit = (tl.program_id(1) * UNITS + tl.arange(0, UNITS))[None, :]
+        return row * hidden + unit, row * (4 * hidden) + unit, (row < rows) & (unit < hidden)
+
+    @triton.jit
+    def _lstm_forward(pre_ptr, c_ptr, h_ptr, c_new_ptr, act_ptr, rows, hidden, SAVE: tl.constexpr, ROWS: tl.constexpr,
+                      UNITS: tl.constexpr):
+        k, at, live = _tile(rows, hidden, ROWS, UNITS)
         i = _sigmoid(tl.load(pre_ptr + at, mask=live, other=0.0))
         f = _sigmoid(tl.load(pre_ptr + at + hidden, mask=live, other=0.0))
         g = 2.0 * _sigmoid(2.0 * tl.load(pre_ptr + at + 2 * hidden, mask=live, other=0.0)) - 1.0
@@ -99,12 +110,9 @@ if triton is not None:
             tl.store(act_ptr + at + 3 * hidden, o, mask=live)
 
     @triton.jit
-    def _lstm_backward(act_ptr, c_ptr, c_new_ptr, dh_ptr, dc_ptr, d_pre_ptr, d_c_ptr, n, hidden,
-                       HAS_DC: tl.constexpr, BLOCK: tl.constexpr):
-        k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        live = k < n
-        row = k // hidden
-        at = k + 3 * hidden * row
+    def _lstm_backward(act_ptr, c_ptr, c_new_ptr, dh_ptr, dc_ptr, d_pre_ptr, d_c_ptr, rows, hidden,
+                       HAS_DC: tl.constexpr, ROWS: tl.constexpr, UNITS: tl.constexpr):
+        k, at, live = _tile(rows, hidden, ROWS, UNITS)
         i = tl.load(act_ptr + at, mask=live, other=0.0)
         f = tl.load(act_ptr + at + hidden, mask=live, other=0.0)
         g = tl.load(act_ptr + at + 2 * hidden, mask=live, other=0.0)

@@ -55,6 +55,14 @@ for shape in [(5,), (3, 5), (2, 1)]:
         for a, b in zip(got, want):
             close(a.double(), b.double(), 2e-6)
 
+# A state whose width is no power of two: the kernels' tiles are wider than it.
+pre, c = torch.randn(3, 4 * 5).requires_grad_(), torch.randn(3, 5).requires_grad_()
+h, c_new = gpu_cells.lstm_cell(pre, c)
+h_ref, c_ref = reference(pre, c)
+close(h.double(), h_ref), close(c_new.double(), c_ref)
+for a, b in zip(torch.autograd.grad((h + c_new).sum(), (pre, c)), torch.autograd.grad((h_ref + c_ref).sum(), (pre, c))):
+    close(a.double(), b.double(), 2e-6)
+
 # Only pre-activations that need a gradient (the first step's zero cell state does not).
 pre = torch.randn(4, 4 * H).requires_grad_()
 h, _ = gpu_cells.lstm_cell(pre, torch.zeros(4, H))
@@ -104,15 +112,15 @@ def test_the_cell_kernels_give_the_torch_ops_values_and_gradients():
 
 
 @pytest.mark.parametrize("flag", [True, False])
-def test_the_cell_kernels_compile_for_the_gpus(flag):
-    ints = {"n": "i32", "hidden": "i32"}
+@pytest.mark.parametrize("units", [128, 8])
+def test_the_cell_kernels_compile_for_the_gpus(flag, units):
+    tile = {"ROWS": gpu_cells.BLOCK // units, "UNITS": units}
+    ints = {"rows": "i32", "hidden": "i32", **dict.fromkeys(tile, "constexpr")}
     compile_for_gpus(gpu_cells._lstm_forward, {**dict.fromkeys(["pre_ptr", "c_ptr", "h_ptr", "c_new_ptr", "act_ptr"], "*fp32"),
-                                               **ints, "SAVE": "constexpr", "BLOCK": "constexpr"}, {"SAVE": flag, "BLOCK": gpu_cells.BLOCK},
-                     gpu_cells.FP_FUSION)
+                                               **ints, "SAVE": "constexpr"}, {"SAVE": flag, **tile}, gpu_cells.FP_FUSION)
     compile_for_gpus(gpu_cells._lstm_backward,
                      {**dict.fromkeys(["act_ptr", "c_ptr", "c_new_ptr", "dh_ptr", "dc_ptr", "d_pre_ptr", "d_c_ptr"], "*fp32"),
-                      **ints, "HAS_DC": "constexpr", "BLOCK": "constexpr"}, {"HAS_DC": flag, "BLOCK": gpu_cells.BLOCK},
-                     gpu_cells.FP_FUSION)
+                      **ints, "HAS_DC": "constexpr"}, {"HAS_DC": flag, **tile}, gpu_cells.FP_FUSION)
 
 
 def test_the_lstm_step_takes_the_cell_kernels_where_available_and_never_on_the_cpu(monkeypatch):
