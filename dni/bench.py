@@ -13,7 +13,8 @@ Measured side by side in one process (same threads, same shapes):
 * where the BLAS has a bf16 GEMM: dni's noisy inference at ``--precision bf16`` (not fp32,
   so it changes the numbers; see dni.precision), and the bf16 GEMM peak.
 
-It ends with one JSON line of throughputs and ratios: ``noisy_vs_fused`` (goal >= 1),
+It also times one small op issued back to back (``launch_us``: what launch-bound work pays
+per kernel). It ends with one JSON line of throughputs and ratios: ``noisy_vs_fused`` (goal >= 1),
 ``noisy_vs_naive`` (goal >= 5), ``train_vs_fused`` (goal >= 1), ``frac_of_peak``, and for
 bf16 ``bf16_vs_fused`` and ``bf16_vs_naive`` (null where bf16 has no fast path).
 
@@ -110,6 +111,21 @@ def normals(device: torch.device | str = "cpu", n: int = 1 << 22) -> dict[str, f
            "randn": lambda: torch.randn(n, device=device)}
     t = _time_all({name: _synced(fn, device) for name, fn in fns.items()}, 0.5)
     return {name: n / seconds for name, seconds in t.items()}
+
+
+def launch_overhead(device: torch.device | str = "cpu", ops: int = 1000) -> float:
+    """Seconds per small op (an in-place add on 1,024 numbers), ``ops`` of them issued
+    back to back and waited for once: what launch-bound work pays per kernel (on a GPU the
+    launch, on a CPU torch's dispatch). Stacked training steps and noisy passes launch the
+    numbers of kernels that ``scripts/count-launches.py`` counts."""
+    device = torch.device(device)
+    t = torch.zeros(1024, device=device)
+
+    def issue() -> None:
+        for _ in range(ops):
+            t.add_(1.0)
+
+    return _time(_synced(issue, device), 0.5) / ops
 
 
 def has_fast_bf16(device: torch.device | str = "cpu") -> bool:
@@ -262,6 +278,8 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
     bf16_peak = f"{result['gemm_peak_bf16_gflops']:.0f} GFLOP/s" if fast_bf16 else "n/a (no bf16 GEMM in the BLAS)"
     log(f"on {result['device']}: fp32 GEMM peak (F.linear): {peak:.0f} GFLOP/s with {torch.get_num_threads()} thread(s); "
         f"compiled kernels: {kernels.available()}; bf16 GEMM peak: {bf16_peak}")
+    result["launch_us"] = launch_overhead(device) * 1e6
+    log(f"one small op, issued back to back: {result['launch_us']:.1f} µs")
     rates = normals(device)
     result["normals_per_s"] = rates
     drawn_by = "compiled kernel"

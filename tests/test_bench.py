@@ -60,6 +60,7 @@ def test_summary_holds_every_goal_ratio(monkeypatch, fast_bf16):
         assert 0 < r["dni"] and 0 < t["dni_autograd"]
         assert t["stacked_vs_autograd"] == pytest.approx(t["stacked"] / t["dni_autograd"]) and t["stacked"] > 0
     assert result["threads"] == 1
+    assert result["launch_us"] > 0 and any("one small op" in line for line in lines)
     assert any(line.startswith("lstm strokes") for line in lines)
     for case in cases:  # bf16: measured where it has its fast path, else null
         r = result[f"infer_{case}"]
