@@ -14,11 +14,15 @@ The maths is the compiled CPU step's (``dni/csrc/philox_normal.c``): sigmoid(x) 
 tanh, absolutely, so relatively coarse for |x| << 1). It equals the torch ops up to float
 rounding, not bit for bit, as everything computed on a GPU does (the stored results are
 CPU results). Triton comes with the CUDA builds of torch; without it, or on a CPU, the torch
-ops run. With ``TRITON_INTERPRET=1`` set before Triton is imported, the kernels run on CPU
+ops run. Before their first use on a GPU the kernels are checked once per process
+(:func:`available`): they must compile, run and give the torch ops' values and gradients;
+where they do not, a warning says why and the torch ops run. With ``TRITON_INTERPRET=1`` set before Triton is imported, the kernels run on CPU
 tensors through Triton's interpreter (tests).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -33,10 +37,44 @@ BLOCK = 1024  # (row, unit) elements of the state per Triton program
 FP_FUSION = True
 
 
+_usable: dict[torch.device, bool] = {}  # the outcome of self_check, per device
+
+
 def available(pre: torch.Tensor) -> bool:
     """Whether :meth:`~dni.models.NoisyLSTM.step` takes :func:`lstm_cell` for ``pre``: on a
-    GPU with Triton, in float32."""
-    return triton is not None and pre.device.type == "cuda" and pre.dtype == torch.float32
+    GPU with Triton, in float32, once the kernels have passed :func:`self_check` there."""
+    if triton is None or pre.device.type != "cuda" or pre.dtype != torch.float32:
+        return False
+    if pre.device not in _usable:
+        _usable[pre.device] = self_check(pre.device)
+    return _usable[pre.device]
+
+
+def self_check(device: torch.device) -> bool:
+    """Whether the kernels compile and run on ``device`` and give the values and gradients
+    of the torch ops (:func:`dni.models.lstm_gates`) for a small stacked cell; where they
+    do not, a warning says why."""
+    from dni.models import lstm_gates
+
+    try:
+        with torch.inference_mode(False), torch.enable_grad():  # also when first asked in an inference pass
+            gen = torch.Generator().manual_seed(0)
+            pre = (4 * torch.randn(3, 5, 4 * 37, generator=gen)).to(device).requires_grad_()  # a width no power of two
+            c = torch.randn(3, 5, 37, generator=gen).to(device).requires_grad_()
+            weights = [torch.randn(3, 5, 37, generator=gen).to(device) for _ in range(2)]
+            results = []
+            for cell in (lstm_cell, lstm_gates):
+                h, c_new = cell(pre, c)
+                loss = (h * weights[0]).sum() + (c_new * weights[1]).sum()
+                results.append([h, c_new, *torch.autograd.grad(loss, (pre, c))])
+        ok = all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(*results))
+        why = "they compute other values than the torch ops"
+    except Exception as exc:  # a compiler, driver or launch failure: fall back, say why
+        ok, why = False, f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if not ok:
+        warnings.warn(f"dni: the Triton kernels of the LSTM cell are not used on {device} ({why}); torch ops run the cell instead",
+                      RuntimeWarning, stacklevel=2)
+    return ok
 
 
 def lstm_cell(pre: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,12 +13,15 @@ functions before that rounding (libdevice on the GPU, torch's on the CPU), so ne
 always the same float32.
 
 Triton comes with the CUDA builds of torch; where it is missing (the CPU wheel) nothing
-here is used. With ``TRITON_INTERPRET=1`` in the environment before Triton is imported,
+here is used. Before its first use on a GPU the kernel is checked once per process
+(:func:`available`): it must compile, run and draw what the torch ops draw; where it does
+not, a warning says why and the torch ops draw instead. With ``TRITON_INTERPRET=1`` in the environment before Triton is imported,
 the kernel runs on CPU tensors through Triton's interpreter (tests).
 """
 
 from __future__ import annotations
 
+import warnings
 
 import torch
 
@@ -31,10 +34,36 @@ except ImportError:  # the CPU build of torch comes without Triton
 BLOCKS_PER_PROGRAM = 1024  # Philox blocks (4 samples each) per Triton program
 
 
+_usable: dict[torch.device, bool] = {}  # the outcome of self_check, per device
+
+
 def available(device: torch.device) -> bool:
-    """Whether draws on ``device`` take :func:`normal`: on a GPU, with Triton. (The
-    interpreter runs it on CPU tensors too, but only for tests, which call it directly.)"""
-    return triton is not None and device.type == "cuda"
+    """Whether draws on ``device`` take :func:`normal`: on a GPU, with Triton, once the
+    kernel has passed :func:`self_check` there. (The interpreter runs it on CPU tensors
+    too, but only for tests, which call it directly.)"""
+    if triton is None or device.type != "cuda":
+        return False
+    if device not in _usable:
+        _usable[device] = self_check(device)
+    return _usable[device]
+
+
+def self_check(device: torch.device) -> bool:
+    """Whether the kernel compiles and runs on ``device`` and draws the samples of the torch
+    ops (a tail, several programs, a counter whose high word turns over); where it does
+    not, a warning says why."""
+    from dni.kernels import normal_torch
+
+    n, key, counter = 3 * 4 * BLOCKS_PER_PROGRAM + 5, 0xDEADBEEFCAFE, 2**32 - 3
+    try:
+        ok = torch.allclose(normal(n, key, counter, device).cpu(), normal_torch(n, key, counter), rtol=1e-6, atol=1e-6)
+        why = "it draws other samples than the torch ops"
+    except Exception as exc:  # a compiler, driver or launch failure: fall back, say why
+        ok, why = False, f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if not ok:
+        warnings.warn(f"dni: the Triton kernel of the Philox stream is not used on {device} ({why}); torch ops draw it instead",
+                      RuntimeWarning, stacklevel=2)
+    return ok
 
 
 def normal(n: int, key: int, counter: int, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -363,10 +363,17 @@ class NoisyLSTM(NoisyRecurrent):
     def step(self, pre, c):
         if gpu_cells.available(pre):  # on a GPU: one kernel each way instead of 9 forward and 13 backward
             return gpu_cells.lstm_cell(pre, c)
-        i, f, g, o = pre.chunk(4, dim=-1)  # the last dimension: also for stacked models (dni.stacking)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        return h, c
+        return lstm_gates(pre, c)
+
+
+def lstm_gates(pre: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSTM cell's element-wise part in torch ops: pre-activations ``[i | f | g | o]``
+    along the last dimension (also for stacked models, dni.stacking) and the cell state
+    -> ``(h_t, c_t)``."""
+    i, f, g, o = pre.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return h, c
 
 
 def _stream_starts(generator, per_step: int, steps: int, sigma: float) -> list[int]:

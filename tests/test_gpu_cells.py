@@ -103,6 +103,9 @@ with torch.no_grad():
     got = model.recur_repeats(xp, AdditiveGaussian(0.4), [PhiloxGenerator(k) for k in range(4)])
     gpu_cells.available = ops
     close(got, model.recur_repeats(xp, AdditiveGaussian(0.4), [PhiloxGenerator(k) for k in range(4)]), 1e-5)
+# The check each process runs before it first uses the kernels on a device passes.
+with torch.no_grad():  # also when first asked in an inference pass
+    assert gpu_cells.self_check(torch.device("cpu"))
 print("ok")
 """
 
@@ -134,3 +137,32 @@ def test_the_lstm_step_takes_the_cell_kernels_where_available_and_never_on_the_c
     monkeypatch.setattr(gpu_cells, "available", lambda pre: True)
     model.step(pre, torch.zeros(2, 8))
     assert calls == [torch.device("cpu")]
+
+
+def test_kernels_that_fail_or_miscompute_are_not_used_and_a_warning_says_why(monkeypatch):
+    """The self-check before the first use on a device: a kernel that cannot compile or
+    launch, or that computes other values, leaves the cell to the torch ops."""
+    from types import SimpleNamespace
+
+    from dni.models import lstm_gates
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("PTX .version 9.9 does not support .target sm_99\nmore lines")
+            return launch
+
+    monkeypatch.setattr(gpu_cells, "_lstm_forward", Broken())
+    with pytest.warns(RuntimeWarning, match="LSTM cell are not used on cpu .RuntimeError: PTX .version 9.9"):
+        assert gpu_cells.self_check(torch.device("cpu")) is False
+    monkeypatch.setattr(gpu_cells, "lstm_cell", lambda pre, c: lstm_gates(pre * 1.001, c))
+    with pytest.warns(RuntimeWarning, match="other values than the torch ops"):
+        assert gpu_cells.self_check(torch.device("cpu")) is False
+    checks = []
+    monkeypatch.setattr(gpu_cells, "triton", object())  # as where Triton is installed
+    monkeypatch.setattr(gpu_cells, "_usable", {})
+    monkeypatch.setattr(gpu_cells, "self_check", lambda device: checks.append(device) or False)
+    gpu = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
+    assert not gpu_cells.available(gpu) and not gpu_cells.available(gpu)
+    assert checks == [torch.device("cuda", 0)]  # once per process and device
+    assert not gpu_cells.available(SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)) and len(checks) == 1

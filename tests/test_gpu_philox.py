@@ -41,6 +41,7 @@ gen.prefetch(2500, cpu)
 for n in (400, 400, 1000, 700):
     assert torch.equal(gen.normal((n,), cpu, torch.float32), kernels.normal_torch(n, 7, plain.take(n)))
 assert launches == [1000, 1000, 700], launches
+assert gpu_philox.self_check(cpu)  # the check before a device's first use passes
 print("ok")
 """
 
@@ -65,3 +66,20 @@ def test_draws_on_a_gpu_take_the_triton_kernel_and_the_cpu_never_does(monkeypatc
     kernels.normal_on(8, 5, 2, torch.device("meta"))
     assert calls == [(8, 5, 2, "meta")]
     assert torch.equal(kernels.normal_on(8, 5, 2, torch.device("cpu")), kernels.normal_torch(8, 5, 2)) and len(calls) == 1
+
+
+def test_a_kernel_that_fails_or_draws_other_samples_is_not_used_and_a_warning_says_why(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(gpu_philox, "normal", broken)
+    with pytest.warns(RuntimeWarning, match="Philox stream is not used on cpu .RuntimeError: no kernel image"):
+        assert gpu_philox.self_check(torch.device("cpu")) is False
+    monkeypatch.setattr(gpu_philox, "normal", lambda n, key, counter, device, out=None: kernels.normal_torch(n, key + 1, counter))
+    with pytest.warns(RuntimeWarning, match="other samples than the torch ops"):
+        assert gpu_philox.self_check(torch.device("cpu")) is False
+    checks = []
+    monkeypatch.setattr(gpu_philox, "_usable", {})
+    monkeypatch.setattr(gpu_philox, "self_check", lambda device: checks.append(device) or True)
+    assert gpu_philox.available(torch.device("cuda", 1)) and gpu_philox.available(torch.device("cuda", 1))
+    assert checks == [torch.device("cuda", 1)] and not gpu_philox.available(torch.device("cpu"))
