@@ -22,11 +22,9 @@ tensors through Triton's interpreter (tests).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from dni.gpu_philox import triton
+from dni.gpu_triton import triton, verified
 
 if triton is not None:
     import triton.language as tl
@@ -56,7 +54,7 @@ def self_check(device: torch.device) -> bool:
     do not, a warning says why."""
     from dni.models import lstm_gates
 
-    try:
+    def check() -> bool:
         with torch.inference_mode(False), torch.enable_grad():  # also when first asked in an inference pass
             gen = torch.Generator().manual_seed(0)
             pre = (4 * torch.randn(3, 5, 4 * 37, generator=gen)).to(device).requires_grad_()  # a width no power of two
@@ -67,14 +65,10 @@ def self_check(device: torch.device) -> bool:
                 h, c_new = cell(pre, c)
                 loss = (h * weights[0]).sum() + (c_new * weights[1]).sum()
                 results.append([h, c_new, *torch.autograd.grad(loss, (pre, c))])
-        ok = all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(*results))
-        why = "they compute other values than the torch ops"
-    except Exception as exc:  # a compiler, driver or launch failure: fall back, say why
-        ok, why = False, f"{type(exc).__name__}: {exc}".splitlines()[0]
-    if not ok:
-        warnings.warn(f"dni: the Triton kernels of the LSTM cell are not used on {device} ({why}); torch ops run the cell instead",
-                      RuntimeWarning, stacklevel=2)
-    return ok
+        return all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(*results))
+
+    return verified(check, "the Triton kernels of the LSTM cell are", "they compute other values than the torch ops",
+                    "torch ops run the cell instead", device)
 
 
 def lstm_cell(pre: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

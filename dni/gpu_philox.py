@@ -21,15 +21,12 @@ the kernel runs on CPU tensors through Triton's interpreter (tests).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-try:
-    import triton
+from dni.gpu_triton import triton, verified
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # the CPU build of torch comes without Triton
-    triton = None
 
 BLOCKS_PER_PROGRAM = 1024  # Philox blocks (4 samples each) per Triton program
 
@@ -55,15 +52,12 @@ def self_check(device: torch.device) -> bool:
     from dni.kernels import normal_torch
 
     n, key, counter = 3 * 4 * BLOCKS_PER_PROGRAM + 5, 0xDEADBEEFCAFE, 2**32 - 3
-    try:
-        ok = torch.allclose(normal(n, key, counter, device).cpu(), normal_torch(n, key, counter), rtol=1e-6, atol=1e-6)
-        why = "it draws other samples than the torch ops"
-    except Exception as exc:  # a compiler, driver or launch failure: fall back, say why
-        ok, why = False, f"{type(exc).__name__}: {exc}".splitlines()[0]
-    if not ok:
-        warnings.warn(f"dni: the Triton kernel of the Philox stream is not used on {device} ({why}); torch ops draw it instead",
-                      RuntimeWarning, stacklevel=2)
-    return ok
+
+    def check() -> bool:
+        return torch.allclose(normal(n, key, counter, device).cpu(), normal_torch(n, key, counter), rtol=1e-6, atol=1e-6)
+
+    return verified(check, "the Triton kernel of the Philox stream is", "it draws other samples than the torch ops",
+                    "torch ops draw it instead", device)
 
 
 def normal(n: int, key: int, counter: int, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
