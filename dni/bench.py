@@ -224,22 +224,25 @@ def training(arch: str, data: str, batch: int = 128, device: torch.device | str 
     stack = StackedRecurrent([model] * STACK, [k / (STACK - 1) for k in range(STACK)]).to(device)  # a sweep's sigma_train grid
     opt_stack = torch.optim.Adam(stack.parameters())
 
-    together = batched(device)
-
-    def step_stacked(gen):  # as dni.train does for a stack: one loss per member, each clipped alone
-        losses = member_losses(stack(x, gen), y, range(STACK), together)
-        losses.detach().tolist()
-        opt_stack.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        clip_and_step(opt_stack, 1.0, range(STACK), together)
-
     philox, torch_gen = PhiloxGenerator(0), torch.Generator(device).manual_seed(0)
     fns = {"fused": step_ref, "dni": lambda: step_dni(philox), "dni_autograd": lambda: step_dni(torch_gen),
-           "stacked": lambda: step_stacked(torch_gen)}
+           "stacked": lambda: stacked_step(stack, opt_stack, x, y, torch_gen, batched(device))}
     t = _time_all({name: _synced(fn, device) for name, fn in fns.items()})
     rates = {name: 1 / seconds for name, seconds in t.items()}
     rates["stacked"] *= STACK  # model-steps/s
     return rates
+
+
+def stacked_step(stack: StackedRecurrent, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, gen,
+                 together: bool) -> None:
+    """One training step of every member of ``stack``, as dni.train takes it (one loss per
+    member, each clipped alone; ``together``: in the batched forms, see
+    dni.stacking.batched), without the bookkeeping of diverged members."""
+    losses = member_losses(stack(x, gen), y, range(stack.members), together)
+    losses.detach().tolist()
+    opt.zero_grad(set_to_none=True)
+    losses.sum().backward()
+    clip_and_step(opt, 1.0, range(stack.members), together)
 
 
 def _worker_throughput(args) -> dict[str, float]:

@@ -7,9 +7,9 @@ microseconds each, estimates the time until a GPU measures it. The GPU's paths a
 here on CPU tensors: the torch ops dni runs on a GPU (no compiled CPU kernels), a stack's
 batched forms (dni.stacking.batched) and the LSTM cell's Triton kernels (dni.gpu_cells),
 which are not run but counted as one launch each. torch's profiler counts the other ops (those that call no
-other op), views and allocations left out. Noise draws are left out too: on a GPU each pass draws
-its samples ahead in one Triton launch (dni.gpu_philox); the torch-op stream drawn here
-instead is ~150 ops.
+other op), views and allocations left out. A noisy pass's draw counts as one launch, as the
+Triton kernel a GPU draws it with (dni.gpu_philox; the torch ops of the stream would be
+~150).
 
     python scripts/count-launches.py            # the GPU's paths
     python scripts/count-launches.py --plain    # torch ops and member-by-member stacks
@@ -23,10 +23,10 @@ from torch.profiler import profile
 
 import dni.stacking
 from dni import gpu_cells, kernels
+from dni.bench import stacked_step
 from dni.models import build_model
 from dni.noise import AdditiveGaussian, PhiloxGenerator
-from dni.optim import clip_and_step
-from dni.stacking import StackedRecurrent, member_losses
+from dni.stacking import StackedRecurrent
 
 NOT_LAUNCHES = {
     "aten::empty", "aten::view", "aten::as_strided", "aten::empty_strided", "aten::t", "aten::transpose", "aten::unsqueeze",
@@ -40,7 +40,13 @@ MEMBERS = 11
 gpu_paths = "--plain" not in sys.argv
 kernels.library = lambda: None  # the torch ops, as on a GPU
 dni.stacking.batched = lambda device: gpu_paths
+PhiloxGenerator.draws_ahead_on = staticmethod(lambda device: True)  # passes draw ahead, repeats run together
 launches = [0]
+
+
+def _drawn(n, key, counter, device, out=None):  # stands in for the Triton draw: one launch
+    launches[0] += 1
+    return torch.empty(n, device=device) if out is None else out
 
 
 class _Counted:  # stands in for a Triton kernel: counts its launches
@@ -53,6 +59,7 @@ class _Counted:  # stands in for a Triton kernel: counts its launches
 if gpu_paths:
     gpu_cells.available = lambda pre: True
     gpu_cells._lstm_forward = gpu_cells._lstm_backward = _Counted()
+kernels.normal_on = _drawn
 
 
 def count(fn) -> int:
@@ -74,28 +81,14 @@ def main() -> None:
         stack = StackedRecurrent([model] * MEMBERS, [k / (MEMBERS - 1) for k in range(MEMBERS)])
         opt, gen = torch.optim.Adam(stack.parameters()), torch.Generator().manual_seed(0)
 
-        def train_step():  # as dni.train does for a stack
-            losses = member_losses(stack(x, gen), y, range(MEMBERS), gpu_paths)
-            losses.detach().tolist()
-            opt.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            clip_and_step(opt, 1.0, range(MEMBERS), gpu_paths)
-
         xp = model.project(torch.rand(1000, steps, inputs))
-        z = torch.randn(steps * 1000 * model.weight.shape[0])
-        noise = AdditiveGaussian(0.5)
 
-        def infer():  # recur_repeats for one pass, its samples drawn already
+        def infer():  # one noisy pass as evaluation runs it on a GPU (recur_repeats)
             with torch.no_grad():
-                w_h = model.weight[:, inputs:].t().expand(1, model.hidden_size, -1)
-                h = xp.new_zeros(1, 1000, model.hidden_size)
-                c = torch.zeros_like(h) if arch == "lstm" else None
-                for t, xp_t in enumerate(xp.unbind(0)):
-                    pre = torch.baddbmm(xp_t, h, w_h)
-                    h, c = model.step(noise.add_samples_(pre, z[t * pre.numel():(t + 1) * pre.numel()].view_as(pre)), c)
+                model.recur_repeats(xp, AdditiveGaussian(0.5), [PhiloxGenerator(0)])
 
-        print(f"{arch} {data}: stacked training step of {MEMBERS} models {count(train_step)} launches; "
-              f"noisy pass over 1,000 sequences {count(infer)} ({steps} steps)", flush=True)
+        print(f"{arch} {data}: stacked training step of {MEMBERS} models {count(lambda: stacked_step(stack, opt, x, y, gen, gpu_paths))} "
+              f"launches; noisy pass over 1,000 sequences {count(infer)} ({steps} steps)", flush=True)
 
 
 if __name__ == "__main__":
