@@ -254,7 +254,7 @@ class NoisyRecurrent(nn.Module):
         LSTM and RNN at fp32 with additive noise from Philox streams at one position."""
         from dni.noise import AdditiveGaussian, PhiloxGenerator
 
-        if type(self).step not in (NoisyLSTM.step, NoisyRNN.step) or self.precision != "fp32" or xp.dtype != torch.float32:
+        if not plain_cell(self) or self.precision != "fp32" or xp.dtype != torch.float32:
             return False
         if not isinstance(noise, AdditiveGaussian) or noise.is_noiseless or not PhiloxGenerator.draws_ahead_on(xp.device):
             return False
@@ -376,6 +376,12 @@ def lstm_gates(pre: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.
     return h, c
 
 
+def plain_cell(model: NoisyRecurrent) -> bool:
+    """Whether ``model`` runs the LSTM's or the vanilla RNN's own cell maths (not a
+    subclass's), which the compiled loops, the batched repeats and stacks compute too."""
+    return type(model).step in (NoisyLSTM.step, NoisyRNN.step)
+
+
 def _stream_starts(generator, per_step: int, steps: int, sigma: float) -> list[int]:
     """The stream positions of every step's noise, in the order the generic path takes them."""
     return [generator.take(per_step) if sigma else 0 for _ in range(steps)]
@@ -405,8 +411,8 @@ def _fused_kernel(model: NoisyRecurrent, noise: NoiseModel, generator, xp: torch
         return None
     if xp.device.type != "cpu" or xp.dtype != torch.float32 or model.hidden_size % 4:
         return None
-    if type(model).step not in (NoisyLSTM.step, NoisyRNN.step):
-        return None  # a subclass with its own cell maths
+    if not plain_cell(model):
+        return None
     lib = kernels.library()
     if lib is None or not (model.precision == "fp32" or (model.precision == "bf16" and lib.bf16)):
         return None  # no compiled loop for this precision

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dni.models import NoisyLSTM, NoisyRecurrent, NoisyRNN
+from dni.models import NoisyLSTM, NoisyRecurrent, NoisyRNN, plain_cell
 from dni.noise import AdditiveGaussian, Generator, add_stacked_gaussian, draw_ahead
 from dni.spec import TrainSpec
 
@@ -127,7 +127,7 @@ class StackedRecurrent(nn.Module):
     def __init__(self, members: Sequence[NoisyRecurrent], sigmas: Sequence[float]):
         super().__init__()
         first = members[0]
-        if type(first).step not in (NoisyLSTM.step, NoisyRNN.step) or any(type(m) is not type(first) for m in members):
+        if not plain_cell(first) or any(type(m) is not type(first) for m in members):
             raise ValueError("a stack holds LSTMs or vanilla RNNs of one kind")
         if len(sigmas) != len(members) or list(sigmas) != sorted(sigmas, key=lambda s: s != 0.0):
             raise ValueError("one sigma per member, the noise-free members first")
