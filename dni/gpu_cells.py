@@ -16,8 +16,9 @@ rounding, not bit for bit, as everything computed on a GPU does (the stored resu
 CPU results). Triton comes with the CUDA builds of torch; without it, or on a CPU, the torch
 ops run. Before their first use on a GPU the kernels are checked once per process
 (:func:`available`): they must compile, run and give the torch ops' values and gradients;
-where they do not, a warning says why and the torch ops run. With ``TRITON_INTERPRET=1`` set before Triton is imported, the kernels run on CPU
-tensors through Triton's interpreter (tests).
+where they do not, a warning says why and the torch ops run. With ``TRITON_INTERPRET=1``
+set before Triton is imported, the kernels run on CPU tensors through Triton's
+interpreter (tests).
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ always the same float32.
 Triton comes with the CUDA builds of torch; where it is missing (the CPU wheel) nothing
 here is used. Before its first use on a GPU the kernel is checked once per process
 (:func:`available`): it must compile, run and draw what the torch ops draw; where it does
-not, a warning says why and the torch ops draw instead. With ``TRITON_INTERPRET=1`` in the environment before Triton is imported,
-the kernel runs on CPU tensors through Triton's interpreter (tests).
+not, a warning says why and the torch ops draw instead. With ``TRITON_INTERPRET=1`` in the
+environment before Triton is imported, the kernel runs on CPU tensors through Triton's
+interpreter (tests).
 """
 
 from __future__ import annotations
