@@ -42,9 +42,9 @@ from dni.evaluate import count_correct
 from dni.memory import keep_freed_memory
 from dni.models import build_model
 from dni.noise import AdditiveGaussian, PhiloxGenerator
-from dni.optim import clip_and_step
 from dni.precision import products_in
-from dni.stacking import StackedRecurrent, batched, member_losses
+from dni.stacking import StackedRecurrent, batched
+from dni.train import train_step
 
 SHAPES = {"rows": (28, 28), "strokes": (50, 2)}
 H = 128
@@ -215,34 +215,18 @@ def training(arch: str, data: str, batch: int = 128, device: torch.device | str 
     opt = torch.optim.Adam(model.parameters())
     noise = AdditiveGaussian(0.5)
 
-    def step_dni(gen):
-        loss = F.cross_entropy(model(x, noise, gen), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_and_step(opt, 1.0)  # as dni.train does
-
     stack = StackedRecurrent([model] * STACK, [k / (STACK - 1) for k in range(STACK)]).to(device)  # a sweep's sigma_train grid
     opt_stack = torch.optim.Adam(stack.parameters())
 
     philox, torch_gen = PhiloxGenerator(0), torch.Generator(device).manual_seed(0)
-    fns = {"fused": step_ref, "dni": lambda: step_dni(philox), "dni_autograd": lambda: step_dni(torch_gen),
-           "stacked": lambda: stacked_step(stack, opt_stack, x, y, torch_gen, batched(device))}
+    everyone = list(range(STACK))
+    fns = {"fused": step_ref, "dni": lambda: train_step(model, opt, x, y, philox, 1.0, noise=noise),  # dni.train's step
+           "dni_autograd": lambda: train_step(model, opt, x, y, torch_gen, 1.0, noise=noise),
+           "stacked": lambda: train_step(stack, opt_stack, x, y, torch_gen, 1.0, everyone, batched(device))}
     t = _time_all({name: _synced(fn, device) for name, fn in fns.items()})
     rates = {name: 1 / seconds for name, seconds in t.items()}
     rates["stacked"] *= STACK  # model-steps/s
     return rates
-
-
-def stacked_step(stack: StackedRecurrent, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, gen,
-                 together: bool) -> None:
-    """One training step of every member of ``stack``, as dni.train takes it (one loss per
-    member, each clipped alone; ``together``: in the batched forms, see
-    dni.stacking.batched), without the bookkeeping of diverged members."""
-    losses = member_losses(stack(x, gen), y, range(stack.members), together)
-    losses.detach().tolist()
-    opt.zero_grad(set_to_none=True)
-    losses.sum().backward()
-    clip_and_step(opt, 1.0, range(stack.members), together)
 
 
 def _worker_throughput(args) -> dict[str, float]:

@@ -83,9 +83,10 @@ def clip_members(grads: list[torch.Tensor], members: Sequence[int], max_norm: fl
     any number of members, where member by member takes ~12 each."""
     norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), 2.0, dim=1) for g in grads], dim=1)
     coef = torch.clamp(float(max_norm) / (torch.linalg.vector_norm(norms, 2.0, dim=1) + 1e-6), max=1.0)
-    listed = torch.zeros(len(coef), dtype=torch.bool)
-    listed[list(members)] = True
-    coef = torch.where(listed.to(coef.device, non_blocking=True), coef, 1.0)
+    if len(members) < len(coef):  # (a copy to the device, only once a member has diverged)
+        listed = torch.zeros(len(coef), dtype=torch.bool)
+        listed[list(members)] = True
+        coef = torch.where(listed.to(coef.device, non_blocking=True), coef, 1.0)
     for g in grads:
         g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
 

@@ -145,10 +145,11 @@ class StackedRecurrent(nn.Module):
     def members(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, x: torch.Tensor, generator: Generator) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: Generator, noisy: bool = True) -> torch.Tensor:
         """Every member's noisy logits, shape (members, batch, classes), for inputs of
         shape (batch, steps, input_size): the operations of :meth:`NoisyRecurrent.forward`
-        (projection, recurrence, output layer, Eq. 2's noise) with a member dimension."""
+        (projection, recurrence, output layer, Eq. 2's noise) with a member dimension.
+        ``noisy=False``: the noise-free logits (nothing drawn)."""
         self.template[0]._check_input(x)
         batch, steps, n_in = x.shape
         m, rows = self.weight.shape[:2]
@@ -166,7 +167,8 @@ class StackedRecurrent(nn.Module):
             xp = torch.stack([torch.addmm(b, xt, w.t()) for b, w in zip(self.bias.unbind(0), w_x)])
         xp = xp.view(m, steps, batch, rows)
         w_h = self.weight[:, :, n_in:]
-        if self.noiseless < m:  # one draw per pre-activation element and per logit, shared by the members
+        noisy = noisy and self.noiseless < m
+        if noisy:  # one draw per pre-activation element and per logit, shared by the members
             draw_ahead(generator, self._noise, steps * batch * rows + batch * self.fc_bias.shape[1], x.device)
         h = x.new_zeros(m, batch, self.hidden_size)
         c = x.new_zeros(m, batch, self.hidden_size) if isinstance(self.template[0], NoisyLSTM) else None
@@ -174,11 +176,12 @@ class StackedRecurrent(nn.Module):
         for xp_t in xp.unbind(1):
             # w_h transposed at every step, as the single model does: autograd then sums the
             # steps' gradients in the same order.
-            pre = add_stacked_gaussian(torch.baddbmm(xp_t, h, w_h.transpose(1, 2)), self.sigmas, self.noiseless, generator,
-                                       together)
+            pre = torch.baddbmm(xp_t, h, w_h.transpose(1, 2))
+            if noisy:
+                pre = add_stacked_gaussian(pre, self.sigmas, self.noiseless, generator, together)
             h, c = step(pre, c)
         logits = torch.baddbmm(self.fc_bias.unsqueeze(1), h, self.fc_weight.transpose(1, 2))
-        return add_stacked_gaussian(logits, self.sigmas, self.noiseless, generator, together)
+        return add_stacked_gaussian(logits, self.sigmas, self.noiseless, generator, together) if noisy else logits
 
     def member(self, k: int) -> NoisyRecurrent:
         """Member ``k`` as a model of its own (a copy of its current weights)."""
@@ -192,3 +195,17 @@ class StackedRecurrent(nn.Module):
 
     def member_finite(self, k: int) -> bool:
         return all(bool(torch.isfinite(p[k]).all()) for p in self.parameters())
+
+
+@torch.no_grad()
+def accuracies(stack: StackedRecurrent, x: torch.Tensor, y: torch.Tensor, generator: Generator | None,
+               batch_size: int = 1000) -> list[float]:
+    """Every member's accuracy on inputs ``x`` (on the stack's device) with labels ``y``, in one
+    pass of the stack per batch: under each member's own training noise, the samples
+    ``generator`` gives (those each member's own pass with a copy of it draws), or with
+    ``generator=None`` noise-free. The counts are read from the device once."""
+    correct = torch.zeros(stack.members, dtype=torch.int64, device=x.device)
+    for start in range(0, len(y), batch_size):
+        logits = stack(x[start : start + batch_size], generator, noisy=generator is not None)
+        correct += (logits.argmax(2) == y[start : start + batch_size]).sum(1)
+    return [count / max(len(y), 1) for count in correct.tolist()]

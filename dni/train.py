@@ -37,7 +37,7 @@ from dni.optim import clip_and_step
 from dni.progress import Reporter, SilentReporter
 from dni.seeding import derive_seed, make_generator
 from dni.spec import TrainSpec
-from dni.stacking import StackedRecurrent, batched, member_losses, order, stack_key, stackable
+from dni.stacking import StackedRecurrent, accuracies, batched, member_losses, order, stack_key, stackable
 
 
 @dataclass
@@ -108,6 +108,58 @@ def git_commit() -> str | None:
         return None
 
 
+def train_step(
+    net: NoisyRecurrent | StackedRecurrent,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    generator: Generator,
+    max_norm: float,
+    active: list[int] | None = None,
+    together: bool = False,
+    noise: NoiseModel | None = None,
+    sites: str = "all",
+) -> tuple[list[float], list[int]]:
+    """One training step: the noisy forward pass, the cross-entropy, backward, gradient
+    clipping and the optimizer's update (:func:`dni.optim.clip_and_step`).
+
+    Args:
+        net: one model, run under ``noise`` at ``sites``; or a stack, whose ``active``
+            members each get their own loss (with the gradient 1), clipping and update,
+            and the others none; ``together``: in the stack's batched forms
+            (:func:`dni.stacking.batched`).
+
+    Returns:
+        ``(losses, correct)``: the loss of the model or of each active member, as a float,
+        and how many of ``y`` the noisy logits classify right (a stack: for every member),
+        read from the device in one synchronisation. A model or member whose loss is not
+        finite takes no step; the others take theirs.
+    """
+    if isinstance(net, StackedRecurrent):
+        logits = net(x, generator)
+        losses = member_losses(logits, y, active, together)
+    else:
+        logits = net(x, noise, generator, sites=sites)
+        loss = F.cross_entropy(logits, y)
+        losses, logits = loss.view(1), logits.unsqueeze(0)
+    right = (logits.detach().argmax(2) == y).sum(1)
+    numbers = torch.cat((losses.detach().float(), right.float())).tolist()  # the one synchronisation
+    values, correct = numbers[: len(losses)], [int(n) for n in numbers[len(losses) :]]
+    kept = [j for j, value in enumerate(values) if math.isfinite(value)]
+    if not kept:
+        return values, correct
+    for group in opt.param_groups:  # opt.zero_grad(set_to_none=True), without its profiling wrapper
+        for p in group["params"]:
+            p.grad = None
+    if not isinstance(net, StackedRecurrent):
+        loss.backward()
+        clip_and_step(opt, max_norm)
+    else:
+        (losses if len(kept) == len(losses) else losses[kept]).sum().backward()
+        clip_and_step(opt, max_norm, [active[j] for j in kept], together)
+    return values, correct
+
+
 def train(
     spec: TrainSpec,
     data_dir: str | Path | None = None,
@@ -161,11 +213,11 @@ def train_stack(
     noise_gen = make_noise_source(spec.rng, derive_seed(spec.seed, "train-noise"), device)  # one stream: shared by a stack
     shuffle_gen = make_generator(derive_seed(spec.seed, "shuffle"), "cpu")
     stack = StackedRecurrent([model] * len(members), [s.sigma_train for s in members]).to(device) if len(members) > 1 else None
-    params = list((stack or model).parameters())
-    opt = torch.optim.Adam(params, lr=spec.lr)
+    opt = torch.optim.Adam((stack or model).parameters(), lr=spec.lr)
     batches = math.ceil(len(train_ds) / spec.batch_size)
 
     together = stack is not None and batched(device)  # the stack's batched forms (dni.stacking.batched)
+    val_xy = (val_ds.x.to(device), val_ds.y.to(device)) if together else None
     alive = list(range(len(members)))
     errors: dict[int, DivergenceError] = {}
     history: list[list[dict[str, Any]]] = [[] for _ in members]
@@ -176,6 +228,16 @@ def train_stack(
     def diverged(k: int, message: str) -> None:
         errors[k] = DivergenceError(message)
         alive.remove(k)
+
+    def check(k: int) -> tuple[NoisyRecurrent, float, float]:
+        """Member k (a copy, for a stack), its validation accuracy under its training noise
+        and without noise."""
+        member = model if stack is None else stack.member(k)
+        if not len(val_ds):
+            return member, float("nan"), float("nan")
+        # A fixed generator per evaluation makes epochs comparable (same noise draws).
+        val_gen = make_noise_source(spec.rng, derive_seed(spec.seed, "val-noise"), device)
+        return member, accuracy(member, val_ds, noises[k], val_gen, sites=spec.sites), accuracy(member, val_ds, clean, None)
 
     with reporter.task("train", spec.epochs * batches) as task:
         for epoch in range(1, spec.epochs + 1):
@@ -189,48 +251,29 @@ def train_stack(
             for b, idx in enumerate(perm.split(spec.batch_size), start=1):
                 x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)  # as x_all[idx], at half the cost
                 active = list(alive)
-                if stack is None:
-                    logits = model(x, noises[0], noise_gen, sites=spec.sites)
-                    losses = [F.cross_entropy(logits, y)]
-                    values = [losses[0].item()]
-                    logits = logits.unsqueeze(0)
-                else:
-                    logits = stack(x, noise_gen)
-                    losses = member_losses(logits, y, active, together)
-                    values = losses.detach().tolist()  # one synchronisation
+                values, right = train_step(stack or model, opt, x, y, noise_gen, spec.grad_clip, active, together,
+                                           noises[0], spec.sites)
                 for k, value in zip(active, values):
                     if not math.isfinite(value):
                         diverged(k, f"training diverged in epoch {epoch}, batch {b}: loss is {value} "
                                     f"(sigma_train={members[k].sigma_train}); try a lower --lr or --grad-clip")
-                if not alive:
-                    break
-                for p in params:  # opt.zero_grad(set_to_none=True), without its profiling wrapper
-                    p.grad = None
-                kept = [j for j, k in enumerate(active) if k in alive]
-                # Each member's loss gets the gradient 1, as one model's loss.backward() gives it.
-                if stack is None:
-                    losses[0].backward()
-                else:
-                    (losses if len(kept) == len(active) else losses[kept]).sum().backward()
-                clip_and_step(opt, spec.grad_clip, None if stack is None else alive, together)
-                right = (logits.argmax(2) == y).sum(1).tolist()
-                for k, value in zip(active, values):
-                    if k in alive:
+                    else:
                         loss_sum[k] += value * len(y)
                         correct[k] += right[k]
+                if not alive:
+                    break
                 task.advance(1, epoch=epoch, loss=values[0])
             for k in list(alive):
                 if not (all(torch.isfinite(p).all() for p in model.parameters()) if stack is None else stack.member_finite(k)):
                     diverged(k, f"training diverged in epoch {epoch}: weights became non-finite")
             if not alive:
                 break
-            checked = {}
-            for k in alive:
-                member = model if stack is None else stack.member(k)
-                # A fixed generator per evaluation makes epochs comparable (same noise draws).
+            if together and len(val_ds):  # every member in one pass per batch, as in the steps
                 val_gen = make_noise_source(spec.rng, derive_seed(spec.seed, "val-noise"), device)
-                val_acc = accuracy(member, val_ds, noises[k], val_gen, sites=spec.sites) if len(val_ds) else float("nan")
-                checked[k] = (member, val_acc, accuracy(member, val_ds, clean, None) if len(val_ds) else float("nan"))
+                noisy_acc, clean_acc = accuracies(stack, *val_xy, val_gen), accuracies(stack, *val_xy, None)
+                checked = {k: (stack.member(k), noisy_acc[k], clean_acc[k]) for k in alive}
+            else:
+                checked = {k: check(k) for k in alive}
             seconds = time.perf_counter() - started
             for k, (member, val_acc, clean_acc) in checked.items():
                 row = {
@@ -250,12 +293,17 @@ def train_stack(
                 )
                 if not len(val_ds) or val_acc > best[k][1]:
                     best[k] = ({n: v.detach().clone() for n, v in member.state_dict().items()}, val_acc, epoch)
-    trained = {}
+    chosen = {}
     for k in alive:
         member = model if stack is None else stack.member(k)
         member.load_state_dict(best[k][0])
-        member.eval()
-        trained[k] = (member, accuracy(member, test_ds, clean, None))
+        chosen[k] = member.eval()
+    if together and chosen:  # the chosen members' test pass as one stack
+        tests = accuracies(StackedRecurrent(list(chosen.values()), [members[k].sigma_train for k in chosen]).to(device),
+                           test_ds.x.to(device), test_ds.y.to(device), None)
+        trained = {k: (member, acc) for (k, member), acc in zip(chosen.items(), tests)}
+    else:
+        trained = {k: (member, accuracy(member, test_ds, clean, None)) for k, member in chosen.items()}
     wall = time.perf_counter() - t0
     own = wall / len(members)  # a stack member's share of the stack's time
     results: dict[int, TrainResult | DivergenceError] = dict(errors)

@@ -143,11 +143,13 @@ def test_clipping_all_members_at_once_gives_each_its_own_coefficient():
     for g, scale in zip(grads, (10.0, 0.01, 1.0, 0.1)):
         g[1:3] *= scale  # members both above and below the threshold
     grads[0][3] *= 1e-4
-    want = [g.clone() for g in grads]
-    for k in (0, 1, 3):
-        member = [g[k] for g in want]
-        torch._foreach_mul_(member, optim.clip_coefficient(member, 1.0))
-    optim.clip_members(grads, [0, 1, 3], 1.0)
-    for g, w in zip(grads, want):
-        torch.testing.assert_close(g, w, rtol=1e-6, atol=0.0)
-    assert all(torch.equal(g[2], w[2]) for g, w in zip(grads, want))
+    for listed in ([0, 1, 3], [0, 1, 2, 3]):
+        given = [g.clone() for g in grads]
+        want = [g.clone() for g in grads]
+        for k in listed:
+            member = [g[k] for g in want]
+            torch._foreach_mul_(member, optim.clip_coefficient(member, 1.0))
+        optim.clip_members(given, listed, 1.0)
+        for g, w in zip(given, want):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=0.0)
+        assert listed != [0, 1, 3] or all(torch.equal(g[2], w[2]) for g, w in zip(given, want))

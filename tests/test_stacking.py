@@ -78,22 +78,28 @@ def close_training(a, b) -> None:
     assert [len(r.history) for r in (a, b)] == [len(a.history)] * 2
     for x, y in zip(a.history, b.history):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
-        assert abs(x["val_accuracy"] - y["val_accuracy"]) <= 2 / 60  # a digit near a class boundary may flip
+        for key in ("val_accuracy", "val_accuracy_clean"):
+            assert abs(x[key] - y[key]) <= 2 / 60  # a digit near a class boundary may flip
+    assert abs(a.test_accuracy - b.test_accuracy) <= 0.01
 
 
 @pytest.mark.parametrize("arch", ["lstm", "rnn"])
 def test_the_batched_forms_of_a_gpu_stack_give_each_member_its_training_to_rounding(fixture_data, monkeypatch, arch):
     """Off a CPU a stack adds the noise with one addcmul, takes all members' losses as one
-    cross-entropy and clips them in a few kernels (dni.stacking.batched): here forced on the
-    CPU, each member still trains as it trains alone, to float rounding; a member that
-    diverges still stops alone."""
-    forced = []
+    cross-entropy, clips them in a few kernels and runs its validation and test passes for
+    all members at once (dni.stacking.batched): here forced on the CPU, each member still
+    trains as it trains alone, to float rounding; a member that diverges still stops alone."""
+    import dni.train
+
+    forced, alone = [], []
     monkeypatch.setattr("dni.stacking.batched", lambda device: forced.append(device) or True)
     monkeypatch.setattr("dni.train.batched", lambda device: forced.append(device) or True)
     monkeypatch.setattr("dni.train.stackable", lambda spec, device: True)
-    specs = members(dataclasses.replace(BASE, arch=arch, epochs=1))
+    real_accuracy = dni.train.accuracy
+    monkeypatch.setattr("dni.train.accuracy", lambda *args, **kwargs: alone.append(1) or real_accuracy(*args, **kwargs))
+    specs = members(dataclasses.replace(BASE, arch=arch, epochs=2))
     together = train_stack(specs)
-    assert forced
+    assert forced and not alone  # no member's pass of its own
     for spec, stacked in zip(specs, together):
         close_training(train(spec), stacked)
     monkeypatch.setattr("dni.stacking.add_stacked_gaussian", _nan_for_member(1))
@@ -101,6 +107,36 @@ def test_the_batched_forms_of_a_gpu_stack_give_each_member_its_training_to_round
     assert isinstance(together[1], DivergenceError) and "epoch 1, batch 1" in str(together[1])
     for k in (0, 2):
         close_training(train(specs[k]), together[k])
+
+
+def test_a_stack_measures_each_members_accuracy_in_one_pass(fixture_data):
+    """stacking.accuracies: every member's accuracy under its own training noise, with the
+    samples each member's own pass draws from a copy of the generator, or noise-free; the
+    logits to float rounding (a model's own inference pass adds its noise, and runs
+    noise-free, in other kernels)."""
+    from dni.data import load_dataset
+    from dni.noise import make_noise
+    from dni.stacking import accuracies
+    from dni.train import accuracy
+
+    sigmas = (0.0, 0.3, 1.5)
+    models = [train(dataclasses.replace(BASE, epochs=1, limit_train=150, sigma_train=s)).model for s in sigmas]
+    stack = StackedRecurrent(models, sigmas)
+    ds = load_dataset("rows", "test", limit=250)
+    noisy = accuracies(stack, ds.x, ds.y, torch.Generator().manual_seed(7), batch_size=100)
+    clean = accuracies(stack, ds.x, ds.y, None, batch_size=100)
+    with torch.no_grad():
+        logits = stack(ds.x, torch.Generator().manual_seed(7))
+    for k, (model, sigma) in enumerate(zip(models, sigmas)):
+        alone = accuracy(model, ds, make_noise("additive", sigma), torch.Generator().manual_seed(7), batch_size=100)
+        assert abs(noisy[k] - alone) <= 2 / 250
+        with torch.no_grad():
+            own = model(ds.x, make_noise("additive", sigma), torch.Generator().manual_seed(7))
+        torch.testing.assert_close(logits[k], own, rtol=1e-4, atol=1e-4)
+        assert abs(clean[k] - accuracy(model, ds, make_noise("additive", 0.0), None)) <= 2 / 250
+    with torch.no_grad():
+        spread = (logits - stack(ds.x, None, noisy=False)).abs().amax((1, 2)).tolist()
+    assert noisy[0] == clean[0] and spread[0] == 0 < spread[1] < spread[2]  # each member's own sigma
 
 
 def _nan_for_member(k):
