@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from dni.gpu_triton import triton, verified
+from dni.gpu_triton import checked_once, triton, verified
 
 if triton is not None:
     import triton.language as tl
@@ -36,17 +36,11 @@ BLOCK = 1024  # (row, unit) elements of the state per Triton program
 FP_FUSION = True
 
 
-_usable: dict[torch.device, bool] = {}  # the outcome of self_check, per device
-
-
 def available(pre: torch.Tensor) -> bool:
     """Whether :meth:`~dni.models.NoisyLSTM.step` takes :func:`lstm_cell` for ``pre``: on a
     GPU with Triton, in float32, once the kernels have passed :func:`self_check` there."""
-    if triton is None or pre.device.type != "cuda" or pre.dtype != torch.float32:
-        return False
-    if pre.device not in _usable:
-        _usable[pre.device] = self_check(pre.device)
-    return _usable[pre.device]
+    return (triton is not None and pre.device.type == "cuda" and pre.dtype == torch.float32
+            and checked_once("lstm-cell", pre.device, self_check))
 
 
 def self_check(device: torch.device) -> bool:

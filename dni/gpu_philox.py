@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from dni.gpu_triton import triton, verified
+from dni.gpu_triton import checked_once, triton, verified
 
 if triton is not None:
     import triton.language as tl
@@ -32,18 +32,11 @@ if triton is not None:
 BLOCKS_PER_PROGRAM = 1024  # Philox blocks (4 samples each) per Triton program
 
 
-_usable: dict[torch.device, bool] = {}  # the outcome of self_check, per device
-
-
 def available(device: torch.device) -> bool:
     """Whether draws on ``device`` take :func:`normal`: on a GPU, with Triton, once the
     kernel has passed :func:`self_check` there. (The interpreter runs it on CPU tensors
     too, but only for tests, which call it directly.)"""
-    if triton is None or device.type != "cuda":
-        return False
-    if device not in _usable:
-        _usable[device] = self_check(device)
-    return _usable[device]
+    return triton is not None and device.type == "cuda" and checked_once("philox", device, self_check)
 
 
 def self_check(device: torch.device) -> bool:

@@ -1,5 +1,5 @@
 """Triton where it is installed, and the check every Triton kernel of dni passes before its
-first use on a device (dni.gpu_philox, dni.gpu_cells).
+first use on a device, once per process (dni.gpu_philox, dni.gpu_cells).
 
 Triton comes with the CUDA builds of torch; the CPU wheel lacks it (``triton`` is then
 None and nothing of Triton is used). A kernel that cannot compile or launch on a machine
@@ -17,6 +17,16 @@ try:
     import triton
 except ImportError:  # the CPU build of torch comes without Triton
     triton = None
+
+_outcomes: dict[tuple[str, object], bool] = {}  # (kernels, device) -> whether their check passed
+
+
+def checked_once(kernels: str, device, self_check: Callable[[object], bool]) -> bool:
+    """Whether the ``kernels`` passed ``self_check(device)``, which runs the first time
+    they are asked for on ``device`` in this process."""
+    if (kernels, device) not in _outcomes:
+        _outcomes[kernels, device] = self_check(device)
+    return _outcomes[kernels, device]
 
 
 def verified(check: Callable[[], bool], kernels: str, mismatch: str, instead: str, device) -> bool:

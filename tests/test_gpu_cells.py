@@ -160,7 +160,7 @@ def test_kernels_that_fail_or_miscompute_are_not_used_and_a_warning_says_why(mon
         assert gpu_cells.self_check(torch.device("cpu")) is False
     checks = []
     monkeypatch.setattr(gpu_cells, "triton", object())  # as where Triton is installed
-    monkeypatch.setattr(gpu_cells, "_usable", {})
+    monkeypatch.setattr("dni.gpu_triton._outcomes", {})
     monkeypatch.setattr(gpu_cells, "self_check", lambda device: checks.append(device) or False)
     gpu = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
     assert not gpu_cells.available(gpu) and not gpu_cells.available(gpu)

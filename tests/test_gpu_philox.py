@@ -79,7 +79,7 @@ def test_a_kernel_that_fails_or_draws_other_samples_is_not_used_and_a_warning_sa
     with pytest.warns(RuntimeWarning, match="other samples than the torch ops"):
         assert gpu_philox.self_check(torch.device("cpu")) is False
     checks = []
-    monkeypatch.setattr(gpu_philox, "_usable", {})
+    monkeypatch.setattr("dni.gpu_triton._outcomes", {})
     monkeypatch.setattr(gpu_philox, "self_check", lambda device: checks.append(device) or True)
     assert gpu_philox.available(torch.device("cuda", 1)) and gpu_philox.available(torch.device("cuda", 1))
     assert checks == [torch.device("cuda", 1)] and not gpu_philox.available(torch.device("cpu"))
