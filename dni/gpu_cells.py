@@ -23,6 +23,8 @@ interpreter (tests).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dni.gpu_triton import checked_once, triton, verified
@@ -78,9 +80,20 @@ def _launch(kernel, c: torch.Tensor, *args, **constexprs) -> None:
     hidden = c.shape[-1]
     rows = c.numel() // hidden if hidden else 0
     if rows:
-        units = min(triton.next_power_of_2(hidden), BLOCK)
-        grid = (triton.cdiv(rows, BLOCK // units), triton.cdiv(hidden, units))
-        kernel[grid](*args, rows, hidden, **constexprs, ROWS=BLOCK // units, UNITS=units, enable_fp_fusion=FP_FUSION)
+        grid, per_row, units = _tiles(rows, hidden)
+        kernel[grid](*args, rows, hidden, **constexprs, ROWS=per_row, UNITS=units, enable_fp_fusion=FP_FUSION)
+
+
+@functools.lru_cache(maxsize=256)
+def _tiles(rows: int, hidden: int) -> tuple[tuple[int, int], int, int]:
+    """``(grid, ROWS, UNITS)`` for a state of ``rows`` x ``hidden``: tiles of UNITS units
+    (``hidden`` rounded up to a power of two, at most BLOCK) by ROWS rows. In integer
+    maths, once per shape: a training step launches the kernels twice per time step, and
+    its host time is what bounds it (triton.cdiv and next_power_of_2 cost microseconds
+    per call from Python)."""
+    units = min(1 << (hidden - 1).bit_length(), BLOCK)
+    per_row = BLOCK // units
+    return (-(-rows // per_row), -(-hidden // units)), per_row, units
 
 
 class _LSTMCell(torch.autograd.Function):

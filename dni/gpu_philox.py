@@ -60,7 +60,7 @@ def normal(n: int, key: int, counter: int, device: torch.device, out: torch.Tens
     out = torch.empty(n, dtype=torch.float32, device=device) if out is None else out
     if n:
         blocks = (n + 3) // 4
-        grid = (triton.cdiv(blocks, BLOCKS_PER_PROGRAM),)
+        grid = (-(-blocks // BLOCKS_PER_PROGRAM),)  # (triton.cdiv, without its cost per call from Python)
         # No contraction into fused multiply-adds: each float64 operation rounds as torch's does
         # (Triton's default for it changes between versions).
         _philox_normal[grid](out, n, blocks, int(counter), int(key) & 0xFFFFFFFF, (int(key) >> 32) & 0xFFFFFFFF,

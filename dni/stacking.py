@@ -173,10 +173,14 @@ class StackedRecurrent(nn.Module):
         h = x.new_zeros(m, batch, self.hidden_size)
         c = x.new_zeros(m, batch, self.hidden_size) if isinstance(self.template[0], NoisyLSTM) else None
         step = self.template[0].step
-        for xp_t in xp.unbind(1):
-            # w_h transposed at every step, as the single model does: autograd then sums the
-            # steps' gradients in the same order.
-            pre = torch.baddbmm(xp_t, h, w_h.transpose(1, 2))
+        w_ht = w_h.transpose(1, 2) if together else None
+        for t, xp_t in enumerate(xp.unbind(1)):
+            if together:  # W_h transposed once, and no product of the first state, zero (values equal)
+                pre = xp_t if t == 0 else torch.baddbmm(xp_t, h, w_ht)
+            else:
+                # w_h transposed at every step, as the single model does: autograd then sums the
+                # steps' gradients in the same order.
+                pre = torch.baddbmm(xp_t, h, w_h.transpose(1, 2))
             if noisy:
                 pre = add_stacked_gaussian(pre, self.sigmas, self.noiseless, generator, together)
             h, c = step(pre, c)

@@ -11,13 +11,15 @@ which are not run but counted as one launch each. torch's profiler counts the ot
 other op), views and allocations left out, and each of the optimizer's foreach ops as one launch, as
 on a GPU (a CPU runs them tensor by tensor). A noisy pass's draw counts as one launch, as the
 Triton kernel a GPU draws it with (dni.gpu_philox; the torch ops of the stream would be
-~150).
+~150). It also times how long this CPU takes to issue a stacked step's ops, with next to no
+arithmetic in them: a floor under a GPU's step time.
 
     python scripts/count-launches.py            # the GPU's paths
     python scripts/count-launches.py --plain    # torch ops and member-by-member stacks
 """
 
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +128,31 @@ def main() -> None:
 
         step = count(lambda: train_step(stack, opt, x, y, gen, 1.0, list(range(MEMBERS)), gpu_paths))
         print(f"{arch} {data}: stacked training step of {MEMBERS} models {step} launches; its validation passes per 1,000 "
-              f"digits {count(validate)}; noisy pass over 1,000 sequences {count(infer)} ({steps} steps)", flush=True)
+              f"digits {count(validate)}; noisy pass over 1,000 sequences {count(infer)} ({steps} steps); "
+              f"issuing the step's ops {issue_time(arch, steps, inputs) * 1e3:.2f} ms", flush=True)
+
+
+def issue_time(arch: str, steps: int, inputs: int, rounds: int = 5, calls: int = 40) -> float:
+    """Seconds per stacked training step spent issuing its ops, on this CPU's one thread:
+    the same ops on a batch of 1 with 8 hidden units, next to no arithmetic (best of
+    ``rounds``). A GPU's step cannot take less, since its host issues the same ops (and
+    each launch costs it a little more than a CPU op's dispatch)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_model(arch, inputs, hidden_size=8)
+        stack = StackedRecurrent([model] * MEMBERS, [k / (MEMBERS - 1) for k in range(MEMBERS)])
+        opt, gen = torch.optim.Adam(stack.parameters(), foreach=True), torch.Generator().manual_seed(0)
+        x, y = torch.rand(1, steps, inputs), torch.randint(0, 10, (1,))
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                train_step(stack, opt, x, y, gen, 1.0, list(range(MEMBERS)), gpu_paths)
+            best = min(best, (time.perf_counter() - t0) / calls)
+        return best
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

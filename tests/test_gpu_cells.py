@@ -126,6 +126,19 @@ def test_the_cell_kernels_compile_for_the_gpus(flag, units):
                       **ints, "HAS_DC": "constexpr"}, {"HAS_DC": flag, **tile}, gpu_cells.FP_FUSION)
 
 
+def test_the_tiles_are_those_of_tritons_own_helpers():
+    """gpu_cells._tiles, in integer maths once per shape, against triton.next_power_of_2 and
+    triton.cdiv: every unit and row covered, no tile wider than BLOCK."""
+    triton = gpu_cells.triton
+    for rows in (1, 2, 7, 128, 1000, 11 * 128, 40 * 1000):
+        for hidden in (1, 2, 5, 8, 37, 128, 1000, 1024, 1025, 1500):
+            units = min(triton.next_power_of_2(hidden), gpu_cells.BLOCK)
+            per_row = gpu_cells.BLOCK // units
+            grid = (triton.cdiv(rows, per_row), triton.cdiv(hidden, units))
+            assert gpu_cells._tiles(rows, hidden) == (grid, per_row, units)
+            assert grid[0] * per_row >= rows and grid[1] * units >= hidden and per_row * units == gpu_cells.BLOCK
+
+
 def test_the_lstm_step_takes_the_cell_kernels_where_available_and_never_on_the_cpu(monkeypatch):
     calls = []
     monkeypatch.setattr(gpu_cells, "lstm_cell", lambda pre, c: calls.append(pre.device) or (pre, c))
