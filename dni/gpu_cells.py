@@ -96,6 +96,46 @@ def _tiles(rows: int, hidden: int) -> tuple[tuple[int, int], int, int]:
     return (-(-rows // per_row), -(-hidden // units)), per_row, units
 
 
+def cell_forward(pre: torch.Tensor, c: torch.Tensor, h: torch.Tensor, c_new: torch.Tensor, act: torch.Tensor) -> None:
+    """The LSTM cell outside autograd: ``h_t`` and ``c_t`` written into ``h`` and ``c_new``,
+    and into ``act`` the activated gates ``[i | f | g | o]`` that :func:`cell_backward`
+    needs (all three contiguous); by the forward kernel where :func:`available`, else by
+    torch ops (the same maths up to rounding)."""
+    if available(pre):
+        _launch(_lstm_forward, c, pre.contiguous(), c.contiguous(), h, c_new, act, SAVE=True)
+        return
+    i, f, g, o = pre.chunk(4, dim=-1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_new.copy_(f * c + i * g)
+    h.copy_(o * torch.tanh(c_new))
+    torch.cat((i, f, g, o), dim=-1, out=act)
+
+
+def cell_backward(act: torch.Tensor, c: torch.Tensor, c_new: torch.Tensor, dh: torch.Tensor, dc: torch.Tensor | None,
+                  d_pre: torch.Tensor) -> torch.Tensor:
+    """The gradient of the cell's pre-activations, written into ``d_pre`` (contiguous),
+    and that of ``c_{t-1}``, returned, from those of ``h_t`` (``dh``) and ``c_t`` (``dc``;
+    None: zero), given :func:`cell_forward`'s ``act``, ``c = c_{t-1}`` and ``c_new = c_t``:
+    by the backward kernel where :func:`available`, else by torch ops."""
+    if available(act):
+        return _kernel_backward(act, c, c_new, dh, dc, d_pre)[1]
+    i, f, g, o = act.chunk(4, dim=-1)
+    tc = torch.tanh(c_new)
+    dc_all = dh * o * (1 - tc * tc)  # through h = o tanh(c_t), plus the next step's gradient of c_t
+    if dc is not None:
+        dc_all = dc_all + dc
+    torch.cat((dc_all * g * i * (1 - i), dc_all * c * f * (1 - f), dc_all * i * (1 - g * g), dh * tc * o * (1 - o)), dim=-1,
+              out=d_pre)
+    return dc_all * f
+
+
+def _kernel_backward(act, c, c_new, dh, dc, d_pre=None):
+    d_pre, d_c = torch.empty_like(act) if d_pre is None else d_pre, torch.empty_like(c)
+    dh = dh.contiguous()
+    _launch(_lstm_backward, c, act, c, c_new, dh, dh if dc is None else dc.contiguous(), d_pre, d_c, HAS_DC=dc is not None)
+    return d_pre, d_c
+
+
 class _LSTMCell(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre: torch.Tensor, c: torch.Tensor):
@@ -112,9 +152,7 @@ class _LSTMCell(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh: torch.Tensor | None, dc: torch.Tensor | None):
         act, c, c_new = ctx.saved_tensors
-        d_pre, d_c = torch.empty_like(act), torch.empty_like(c)
-        dh = torch.zeros_like(c) if dh is None else dh.contiguous()
-        _launch(_lstm_backward, c, act, c, c_new, dh, dh if dc is None else dc.contiguous(), d_pre, d_c, HAS_DC=dc is not None)
+        d_pre, d_c = _kernel_backward(act, c, c_new, torch.zeros_like(c) if dh is None else dh, dc)
         return d_pre, d_c if ctx.needs_input_grad[1] else None
 
 

@@ -12,7 +12,9 @@ bit (``tests/test_stacking.py``), since every product, noise draw, loss, clippin
 Adam update is the same operation on the same numbers; on a GPU up to float rounding. On a
 GPU a training step of a small recurrent model is bound by kernel launches, and a stack
 of M members costs about the launches of one; on a CPU the products are the cost, and a
-stack is no faster than one model per worker process, so there it is off by default.
+stack is no faster than one model per worker process, so there it is off by default. Off
+the CPU a stack also takes batched forms (:func:`batched`), among them its recurrence as
+one autograd node with a hand-written backward (:class:`_Recurrence`).
 
 What stacks: the LSTM and the vanilla RNN with additive noise on every product (the
 paper's protocol). On CPU only with torch's training-noise generator: with Philox the
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dni import gpu_cells
 from dni.models import NoisyLSTM, NoisyRecurrent, NoisyRNN, plain_cell
 from dni.noise import AdditiveGaussian, Generator, add_stacked_gaussian, draw_ahead
 from dni.spec import TrainSpec
@@ -37,6 +40,9 @@ from dni.spec import TrainSpec
 #: Architectures whose cell maths the stacked loop runs (their ``step`` is element-wise
 #: along the last dimension).
 STACKABLE = {"lstm": NoisyLSTM, "rnn": NoisyRNN}
+#: False: a stack's batched forms train through autograd over the per-step loop instead of
+#: :class:`_Recurrence` and its hand-written backward (the reference the tests hold it to).
+RECURRENCE_NODE = True
 
 
 def stackable(spec: TrainSpec, device: str | torch.device) -> bool:
@@ -170,8 +176,14 @@ class StackedRecurrent(nn.Module):
         noisy = noisy and self.noiseless < m
         if noisy:  # one draw per pre-activation element and per logit, shared by the members
             draw_ahead(generator, self._noise, steps * batch * rows + batch * self.fc_bias.shape[1], x.device)
+        lstm = isinstance(self.template[0], NoisyLSTM)
+        if together and RECURRENCE_NODE and torch.is_grad_enabled():  # training: the recurrence as one autograd node
+            noise = (lambda pre: add_stacked_gaussian(pre, self.sigmas, self.noiseless, generator, True)) if noisy else None
+            h = _Recurrence.apply(xp, w_h, lstm, noise)
+            logits = torch.baddbmm(self.fc_bias.unsqueeze(1), h, self.fc_weight.transpose(1, 2))
+            return add_stacked_gaussian(logits, self.sigmas, self.noiseless, generator, together) if noisy else logits
         h = x.new_zeros(m, batch, self.hidden_size)
-        c = x.new_zeros(m, batch, self.hidden_size) if isinstance(self.template[0], NoisyLSTM) else None
+        c = x.new_zeros(m, batch, self.hidden_size) if lstm else None
         step = self.template[0].step
         w_ht = w_h.transpose(1, 2) if together else None
         for t, xp_t in enumerate(xp.unbind(1)):
@@ -199,6 +211,58 @@ class StackedRecurrent(nn.Module):
 
     def member_finite(self, k: int) -> bool:
         return all(bool(torch.isfinite(p[k]).all()) for p in self.parameters())
+
+
+class _Recurrence(torch.autograd.Function):
+    """A stack's noisy recurrence in the batched forms, from the input projections ``xp``
+    (members, steps, batch, rows) and W_h (members, rows, H) to every member's last state,
+    with a hand-written backward. Forward, per step: the product (none for the zero first
+    state), the noise, the cell (dni.gpu_cells' kernels where they are available). Backward,
+    per step: the cell's gradient and one product for the previous state's; then one
+    product over all steps for W_h's. The same maths as autograd over the loop, to rounding,
+    but autograd records one node for the whole pass instead of several per step: on a GPU
+    a training step is bound by the host, which issues its kernels one by one."""
+
+    @staticmethod
+    def forward(ctx, xp, w_h, lstm, noise):
+        m, steps, batch, rows = xp.shape
+        hidden = w_h.shape[2]
+        w_ht = w_h.transpose(1, 2)
+        hs = xp.new_empty(steps, m, batch, hidden)
+        cs = xp.new_empty(steps + 1, m, batch, hidden) if lstm else None
+        acts = xp.new_empty(steps, m, batch, rows) if lstm else None
+        if lstm:
+            cs[0].zero_()
+        for t in range(steps):
+            pre = xp[:, t] if t == 0 else torch.baddbmm(xp[:, t], hs[t - 1], w_ht)
+            if noise is not None:
+                pre = noise(pre)
+            if lstm:
+                gpu_cells.cell_forward(pre, cs[t], hs[t], cs[t + 1], acts[t])
+            else:
+                torch.tanh(pre, out=hs[t])
+        ctx.lstm = lstm
+        ctx.save_for_backward(w_h, hs, cs, acts)
+        return hs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, d_last):
+        w_h, hs, cs, acts = ctx.saved_tensors
+        steps, m, batch, hidden = hs.shape
+        rows = w_h.shape[1]
+        d_pre = hs.new_empty(steps, m, batch, rows)
+        dh, dc = d_last, None
+        for t in range(steps - 1, -1, -1):
+            if ctx.lstm:
+                dc = gpu_cells.cell_backward(acts[t], cs[t], cs[t + 1], dh, dc, d_pre[t])
+            else:  # h = tanh(pre): autograd's own kernel for it, in place
+                torch.ops.aten.tanh_backward.grad_input(dh, hs[t], grad_input=d_pre[t])
+            if t:
+                dh = torch.bmm(d_pre[t], w_h)
+        # W_h's gradient: sum over steps t >= 1 of d_pre_t^T h_{t-1}, as one product per member
+        before = hs[:-1].transpose(0, 1).reshape(m, (steps - 1) * batch, hidden)
+        d_w_h = torch.bmm(d_pre[1:].transpose(0, 1).reshape(m, (steps - 1) * batch, rows).transpose(1, 2), before)
+        return d_pre.transpose(0, 1), d_w_h, None, None
 
 
 @torch.no_grad()

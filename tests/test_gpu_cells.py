@@ -96,6 +96,24 @@ for module, run in [(model, lambda: model(x, AdditiveGaussian(0.5), torch.Genera
     for a, b in zip(got, trained(module, run)):
         close(a, b, 1e-5)
 
+# A stack's batched forms (forced here): its recurrence as one autograd node, with the
+# kernels' forward and backward, gives what autograd over the loop gives, and what the
+# node gives with the torch ops.
+import dni.stacking
+
+dni.stacking.batched = lambda device: True
+run = lambda: stack(x, torch.Generator().manual_seed(1))
+gpu_cells.available = kernel
+node = trained(stack, run)
+dni.stacking.RECURRENCE_NODE = False
+for a, b in zip(node, trained(stack, run)):
+    close(a, b, 1e-5)
+dni.stacking.RECURRENCE_NODE = True
+gpu_cells.available = ops
+for a, b in zip(node, trained(stack, run)):
+    close(a, b, 1e-5)
+dni.stacking.batched = lambda device: False
+
 PhiloxGenerator.draws_ahead_on = staticmethod(lambda device: True)
 with torch.no_grad():
     xp = model.project(x)

@@ -9,6 +9,7 @@ import torch
 from dni.errors import DivergenceError, SpecError
 from dni.executors import JobFailures, LocalExecutor
 from dni.jobs import train_stack_job
+from dni.models import build_model
 from dni.spec import EvalSpec, TrainSpec
 from dni.stacking import StackedRecurrent, stack_groups, stackable, why_not
 from dni.store import Store
@@ -137,6 +138,35 @@ def test_a_stack_measures_each_members_accuracy_in_one_pass(fixture_data):
     with torch.no_grad():
         spread = (logits - stack(ds.x, None, noisy=False)).abs().amax((1, 2)).tolist()
     assert noisy[0] == clean[0] and spread[0] == 0 < spread[1] < spread[2]  # each member's own sigma
+
+
+@pytest.mark.parametrize("arch,inputs", [("lstm", 28), ("lstm", 2), ("rnn", 28)])
+def test_a_stacks_recurrence_node_gives_the_loops_values_and_gradients(monkeypatch, arch, inputs):
+    """stacking._Recurrence (the batched forms' recurrence as one autograd node, with a
+    hand-written backward) against autograd over the per-step loop: the same logits and,
+    to rounding, the same gradients, noisy and noise-free members alike."""
+    import dni.stacking
+
+    monkeypatch.setattr("dni.stacking.batched", lambda device: True)
+    torch.manual_seed(0)
+    stack = StackedRecurrent([build_model(arch, inputs, hidden_size=16) for _ in range(3)], [0.0, 0.3, 1.0])
+    x = torch.rand(5, 7, inputs)
+    weights = torch.randn(3, 5, 10)
+    results, applied = [], []
+    real = dni.stacking._Recurrence.apply
+    monkeypatch.setattr(dni.stacking._Recurrence, "apply", lambda *args: applied.append(1) or real(*args))
+    for node in (True, False):
+        monkeypatch.setattr("dni.stacking.RECURRENCE_NODE", node)
+        stack.zero_grad(set_to_none=True)
+        logits = stack(x, torch.Generator().manual_seed(3))
+        (logits * weights).sum().backward()
+        results.append([logits.detach()] + [p.grad.clone() for p in stack.parameters()])
+    assert applied == [1]
+    (logits, *grads), (want, *expected) = results
+    assert torch.equal(logits, want)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads)
 
 
 def _nan_for_member(k):
