@@ -176,14 +176,21 @@ class StackedRecurrent(nn.Module):
         noisy = noisy and self.noiseless < m
         if noisy:  # one draw per pre-activation element and per logit, shared by the members
             draw_ahead(generator, self._noise, steps * batch * rows + batch * self.fc_bias.shape[1], x.device)
+        noise = (lambda pre: add_stacked_gaussian(pre, self.sigmas, self.noiseless, generator, together)) if noisy else None
         lstm = isinstance(self.template[0], NoisyLSTM)
         if together and RECURRENCE_NODE and torch.is_grad_enabled():  # training: the recurrence as one autograd node
-            noise = (lambda pre: add_stacked_gaussian(pre, self.sigmas, self.noiseless, generator, True)) if noisy else None
             h = _Recurrence.apply(xp, w_h, lstm, noise)
-            logits = torch.baddbmm(self.fc_bias.unsqueeze(1), h, self.fc_weight.transpose(1, 2))
-            return add_stacked_gaussian(logits, self.sigmas, self.noiseless, generator, together) if noisy else logits
-        h = x.new_zeros(m, batch, self.hidden_size)
-        c = x.new_zeros(m, batch, self.hidden_size) if lstm else None
+        else:
+            h = self._loop(xp, w_h, lstm, noise, together)
+        logits = torch.baddbmm(self.fc_bias.unsqueeze(1), h, self.fc_weight.transpose(1, 2))
+        return noise(logits) if noise is not None else logits
+
+    def _loop(self, xp: torch.Tensor, w_h: torch.Tensor, lstm: bool, noise, together: bool) -> torch.Tensor:
+        """Every member's last state, by the recurrence step by step (under autograd where
+        it records)."""
+        m, _, batch, _ = xp.shape
+        h = xp.new_zeros(m, batch, self.hidden_size)
+        c = xp.new_zeros(m, batch, self.hidden_size) if lstm else None
         step = self.template[0].step
         w_ht = w_h.transpose(1, 2) if together else None
         for t, xp_t in enumerate(xp.unbind(1)):
@@ -193,11 +200,10 @@ class StackedRecurrent(nn.Module):
                 # w_h transposed at every step, as the single model does: autograd then sums the
                 # steps' gradients in the same order.
                 pre = torch.baddbmm(xp_t, h, w_h.transpose(1, 2))
-            if noisy:
-                pre = add_stacked_gaussian(pre, self.sigmas, self.noiseless, generator, together)
+            if noise is not None:
+                pre = noise(pre)
             h, c = step(pre, c)
-        logits = torch.baddbmm(self.fc_bias.unsqueeze(1), h, self.fc_weight.transpose(1, 2))
-        return add_stacked_gaussian(logits, self.sigmas, self.noiseless, generator, together) if noisy else logits
+        return h
 
     def member(self, k: int) -> NoisyRecurrent:
         """Member ``k`` as a model of its own (a copy of its current weights)."""
