@@ -99,13 +99,21 @@ def count(fn) -> int:
     return ops + launches[0]
 
 
+def stacked(model) -> tuple[StackedRecurrent, object]:
+    """A stack of MEMBERS copies of ``model`` over a sweep's sigma_train grid, and a
+    function ``step(x, y)`` that takes one training step of it as dni.train does (Adam
+    with foreach ops, a GPU's default)."""
+    stack = StackedRecurrent([model] * MEMBERS, [k / (MEMBERS - 1) for k in range(MEMBERS)])
+    opt, gen = torch.optim.Adam(stack.parameters(), foreach=True), torch.Generator().manual_seed(0)
+    return stack, lambda x, y: train_step(stack, opt, x, y, gen, 1.0, list(range(MEMBERS)), gpu_paths)
+
+
 def main() -> None:
     torch.manual_seed(0)
     for arch, data, steps, inputs in (("lstm", "rows", 28, 28), ("lstm", "strokes", 50, 2), ("rnn", "rows", 28, 28)):
         model = build_model(arch, inputs)
         x, y = torch.rand(128, steps, inputs), torch.randint(0, 10, (128,))
-        stack = StackedRecurrent([model] * MEMBERS, [k / (MEMBERS - 1) for k in range(MEMBERS)])
-        opt, gen = torch.optim.Adam(stack.parameters(), foreach=True), torch.Generator().manual_seed(0)  # a GPU's default
+        stack, step = stacked(model)
 
         xp = model.project(torch.rand(1000, steps, inputs))
 
@@ -126,8 +134,8 @@ def main() -> None:
                     for noise in (AdditiveGaussian(sigma), AdditiveGaussian(0.0)):
                         (member(xv, noise, torch.Generator().manual_seed(1)).argmax(1) == yv).sum()
 
-        step = count(lambda: train_step(stack, opt, x, y, gen, 1.0, list(range(MEMBERS)), gpu_paths))
-        print(f"{arch} {data}: stacked training step of {MEMBERS} models {step} launches; its validation passes per 1,000 "
+        launches = count(lambda: step(x, y))
+        print(f"{arch} {data}: stacked training step of {MEMBERS} models {launches} launches; its validation passes per 1,000 "
               f"digits {count(validate)}; noisy pass over 1,000 sequences {count(infer)} ({steps} steps); "
               f"issuing the step's ops {issue_time(arch, steps, inputs) * 1e3:.2f} ms", flush=True)
 
@@ -140,15 +148,13 @@ def issue_time(arch: str, steps: int, inputs: int, rounds: int = 5, calls: int =
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = build_model(arch, inputs, hidden_size=8)
-        stack = StackedRecurrent([model] * MEMBERS, [k / (MEMBERS - 1) for k in range(MEMBERS)])
-        opt, gen = torch.optim.Adam(stack.parameters(), foreach=True), torch.Generator().manual_seed(0)
+        _, step = stacked(build_model(arch, inputs, hidden_size=8))
         x, y = torch.rand(1, steps, inputs), torch.randint(0, 10, (1,))
         best = float("inf")
         for _ in range(rounds):
             t0 = time.perf_counter()
             for _ in range(calls):
-                train_step(stack, opt, x, y, gen, 1.0, list(range(MEMBERS)), gpu_paths)
+                step(x, y)
             best = min(best, (time.perf_counter() - t0) / calls)
         return best
     finally:
