@@ -130,7 +130,8 @@ def cell_backward(act: torch.Tensor, c: torch.Tensor, c_new: torch.Tensor, dh: t
 
 
 def _kernel_backward(act, c, c_new, dh, dc, d_pre=None):
-    d_pre, d_c = torch.empty_like(act) if d_pre is None else d_pre, torch.empty_like(c)
+    d_pre = torch.empty_like(act) if d_pre is None else d_pre
+    d_c = torch.empty_like(c)
     dh = dh.contiguous()
     _launch(_lstm_backward, c, act, c, c_new, dh, dh if dc is None else dc.contiguous(), d_pre, d_c, HAS_DC=dc is not None)
     return d_pre, d_c
