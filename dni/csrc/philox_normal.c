@@ -227,12 +227,18 @@ static inline float projection2(float x0, float x1, float w0, float w1, float b)
  * addmm(xp, h, W_h^T) + z (mm + xp rounds like addmm: a test checks it). xp may be NULL:
  * then with x2 (the row's two inputs) the projection is computed here from w2 = [W_x[:, 0]
  * | W_x[:, 1] | b], (3, 4H), else the pre-activations are given whole in mm. c_prev and c
- * may alias; act (the activated gates, for the backward) may be NULL. */
+ * may alias. The activated gates go to act (kept for the backward) or, where act is NULL,
+ * to the scratch g, (4H). Two loops, not one: in one, each unit's chain of dependent
+ * operations (the gates, then the cell, then tanh of it) is longer than the processor's
+ * window of instructions in flight reaches, and the loop ran ~25% slower; split, each
+ * loop's chains overlap across units. Each loop does the same operations in the same
+ * order as before, so the bits are the same. */
 static inline __attribute__((always_inline)) void lstm_row_gates(
     const float *mm, const float *xp, const float *x2, const float *w2, const float *c_prev, float *c, float *h,
-    float *act, int64_t H, const float *zi, const float *zf, const float *zg, const float *zo) {
+    float *act, float *g, int64_t H, const float *zi, const float *zf, const float *zg, const float *zo) {
     const float x0 = x2 ? x2[0] : 0.0f, x1 = x2 ? x2[1] : 0.0f;
     const float *w0 = w2, *w1 = w2 ? w2 + 4 * H : NULL, *bb = w2 ? w2 + 8 * H : NULL;
+    float *a = act ? act : g;
 #pragma omp simd
     for (int64_t u = 0; u < H; u++) {
         float pi = mm[u], pf = mm[H + u], pg = mm[2 * H + u], po = mm[3 * H + u];
@@ -243,14 +249,16 @@ static inline __attribute__((always_inline)) void lstm_row_gates(
             pg += projection2(x0, x1, w0[2 * H + u], w1[2 * H + u], bb[2 * H + u]);
             po += projection2(x0, x1, w0[3 * H + u], w1[3 * H + u], bb[3 * H + u]);
         }
-        float gi = sigmoid_f(pi + zi[u]);
-        float gf = sigmoid_f(pf + zf[u]);
-        float gg = tanh_f(pg + zg[u]);
-        float go = sigmoid_f(po + zo[u]);
-        float cn = gf * c_prev[u] + gi * gg;
+        a[u] = sigmoid_f(pi + zi[u]);
+        a[H + u] = sigmoid_f(pf + zf[u]);
+        a[2 * H + u] = tanh_f(pg + zg[u]);
+        a[3 * H + u] = sigmoid_f(po + zo[u]);
+    }
+#pragma omp simd
+    for (int64_t u = 0; u < H; u++) {
+        float cn = a[H + u] * c_prev[u] + a[u] * a[2 * H + u];
         c[u] = cn;
-        h[u] = go * tanh_f(cn);
-        if (act) { act[u] = gi; act[H + u] = gf; act[2 * H + u] = gg; act[3 * H + u] = go; }
+        h[u] = a[3 * H + u] * tanh_f(cn);
     }
 }
 
@@ -262,6 +270,7 @@ static inline __attribute__((always_inline)) void lstm_forward(
     const float *mm, const float *xp, const float *x2, const float *w2, const float *c_prev, float *c, float *h,
     float *act, int64_t B, int64_t H, uint64_t key, uint64_t counter, float sigma) {
     float z[4 * H]; /* the row's noise, gate q at z + q H */
+    float g[4 * H]; /* the row's activated gates, where act is NULL */
     if (sigma == 0.0f) memset(z, 0, sizeof z);
     for (int64_t b = 0; b < B; b++) {
         const float *m = mm + b * 4 * H, *x = xp ? xp + b * 4 * H : NULL;
@@ -275,11 +284,11 @@ static inline __attribute__((always_inline)) void lstm_forward(
             for (int64_t j = 0; j < H; j += CHUNK)
                 normal_blocks(z + 4 * j, (int)((H - j) < CHUNK ? (H - j) : CHUNK), key, counter + (uint64_t)(b * H + j), sigma);
         if (x)
-            lstm_row_gates(m, x, NULL, NULL, cp, cb, hb, ab, H, z, z + H, z + 2 * H, z + 3 * H);
+            lstm_row_gates(m, x, NULL, NULL, cp, cb, hb, ab, g, H, z, z + H, z + 2 * H, z + 3 * H);
         else if (x2)
-            lstm_row_gates(m, NULL, x2 + 2 * b, w2, cp, cb, hb, ab, H, z, z + H, z + 2 * H, z + 3 * H);
+            lstm_row_gates(m, NULL, x2 + 2 * b, w2, cp, cb, hb, ab, g, H, z, z + H, z + 2 * H, z + 3 * H);
         else
-            lstm_row_gates(m, NULL, NULL, NULL, cp, cb, hb, ab, H, z, z + H, z + 2 * H, z + 3 * H);
+            lstm_row_gates(m, NULL, NULL, NULL, cp, cb, hb, ab, g, H, z, z + H, z + 2 * H, z + 3 * H);
     }
 }
 
