@@ -104,11 +104,13 @@ def cell_forward(pre: torch.Tensor, c: torch.Tensor, h: torch.Tensor, c_new: tor
     if available(pre):
         _launch(_lstm_forward, c, pre.contiguous(), c.contiguous(), h, c_new, act, SAVE=True)
         return
-    i, f, g, o = pre.chunk(4, dim=-1)
-    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-    c_new.copy_(f * c + i * g)
-    h.copy_(o * torch.tanh(c_new))
-    torch.cat((i, f, g, o), dim=-1, out=act)
+    from dni.models import lstm_activations, lstm_update
+
+    gates = lstm_activations(pre)
+    h_t, c_t = lstm_update(gates, c)
+    c_new.copy_(c_t)
+    h.copy_(h_t)
+    torch.cat(gates, dim=-1, out=act)
 
 
 def cell_backward(act: torch.Tensor, c: torch.Tensor, c_new: torch.Tensor, dh: torch.Tensor, dc: torch.Tensor | None,

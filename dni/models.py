@@ -370,10 +370,20 @@ def lstm_gates(pre: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.
     """The LSTM cell's element-wise part in torch ops: pre-activations ``[i | f | g | o]``
     along the last dimension (also for stacked models, dni.stacking) and the cell state
     -> ``(h_t, c_t)``."""
+    return lstm_update(lstm_activations(pre), c)
+
+
+def lstm_activations(pre: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The activated gates ``(i, f, g, o)`` of pre-activations ``[i | f | g | o]``."""
     i, f, g, o = pre.chunk(4, dim=-1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)
-    return h, c
+    return torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+
+
+def lstm_update(gates: tuple[torch.Tensor, ...], c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h_t, c_t)`` from the activated gates ``(i, f, g, o)`` and the cell state ``c``."""
+    i, f, g, o = gates
+    c = f * c + i * g
+    return o * torch.tanh(c), c
 
 
 def plain_cell(model: NoisyRecurrent) -> bool:
