@@ -7,7 +7,9 @@ Measured side by side in one process (same threads, same shapes):
   (batch 128, forward + backward + Adam);
 * the straightforward noisy baseline: one pass per (sigma_val, repeat), an eager per-step
   cell computing ``x_t W_x^T + h W_h^T + b``, ``torch.randn`` noise;
-* dni's noisy inference (shared input projection, Philox noise, fused step kernel) and
+* dni's noisy inference (shared input projection, Philox noise, fused step kernel), also
+  with the ARS stream (``--rng ars``: other samples, the same statistics) where the CPU
+  draws it (AES instructions), and
   dni's noisy training step, one model at a time and as a stack of 11 models trained as
   one (dni.stacking; model-steps/s);
 * where the BLAS has a bf16 GEMM: dni's noisy inference at ``--precision bf16`` (not fp32,
@@ -16,7 +18,8 @@ Measured side by side in one process (same threads, same shapes):
 It also times one small op issued back to back (``launch_us``: what launch-bound work pays
 per kernel). It ends with one JSON line of throughputs and ratios: ``noisy_vs_fused`` (goal >= 1),
 ``noisy_vs_naive`` (goal >= 5), ``train_vs_fused`` (goal >= 1), ``frac_of_peak``, and for
-bf16 ``bf16_vs_fused`` and ``bf16_vs_naive`` (null where bf16 has no fast path).
+bf16 ``bf16_vs_fused`` and ``bf16_vs_naive`` (null where bf16 has no fast path), for ARS
+``ars_vs_fused`` and ``ars_vs_naive`` (null where it has none).
 
 On a GPU (``device="cuda"``) the same measurements run there, each timed call ending with
 a synchronisation: the references are cuDNN's fused ``nn.LSTM``/``nn.RNN``, dni's noise is
@@ -41,7 +44,7 @@ from dni import kernels
 from dni.evaluate import count_correct
 from dni.memory import keep_freed_memory
 from dni.models import build_model
-from dni.noise import AdditiveGaussian, PhiloxGenerator
+from dni.noise import AdditiveGaussian, ArsGenerator, PhiloxGenerator
 from dni.precision import products_in
 from dni.stacking import StackedRecurrent, batched
 from dni.train import train_step
@@ -103,12 +106,15 @@ def gemm_peak(n: int = 4096, dtype: torch.dtype = torch.float32, device: torch.d
 def normals(device: torch.device | str = "cpu", n: int = 1 << 22) -> dict[str, float]:
     """Samples/s of dni's Philox stream as passes draw it on ``device`` (the compiled kernel
     on a CPU, the Triton kernel on a GPU where Triton is installed), of the same stream in
-    torch ops, and of ``torch.randn``."""
+    torch ops, of ``torch.randn``, and (``ars``, where the CPU's library draws it) of the
+    ARS stream."""
     device = torch.device(device)
-    gen, out = PhiloxGenerator(0), torch.empty(n, device=device)
+    gen, ars, out = PhiloxGenerator(0), ArsGenerator(0), torch.empty(n, device=device)
     fns = {"dni": lambda: gen.add_normal_(out, 1.0, overwrite=True),
            "torch_ops": lambda: kernels.normal_torch(n, 0, 0, device),
            "randn": lambda: torch.randn(n, device=device)}
+    if has_fast_ars(device):
+        fns["ars"] = lambda: ars.add_normal_(out, 1.0, overwrite=True)
     t = _time_all({name: _synced(fn, device) for name, fn in fns.items()}, 0.5)
     return {name: n / seconds for name, seconds in t.items()}
 
@@ -135,6 +141,12 @@ def has_fast_bf16(device: torch.device | str = "cpu") -> bool:
         return False
     lib = kernels.library()
     return lib is not None and bool(lib.bf16)
+
+
+def has_fast_ars(device: torch.device | str = "cpu") -> bool:
+    """Whether dni's compiled CPU kernels draw the ARS stream here (AES instructions). On a
+    GPU torch ops draw it, which is not meant to be fast."""
+    return torch.device(device).type == "cpu" and kernels.draws(kernels.library(), "ars")
 
 
 def naive_noisy(model, x: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
@@ -178,21 +190,23 @@ def inference(arch: str, data: str, batch: int = 1000, cells: int = 40, device: 
 
     y = torch.zeros(batch, dtype=torch.int64, device=device)
 
-    def dni_cells(precision: str):  # as dni.evaluate.run_cells: one projection, many noisy passes (together on a GPU)
+    def dni_cells(precision: str, stream=PhiloxGenerator):  # as dni.evaluate.run_cells: one projection, many noisy passes (together on a GPU)
         with products_in(model, precision):
             xp = model.project(x)
-            count_correct(model, xp, y, noise, [PhiloxGenerator(k) for k in range(cells)], inline=model.inline_projection(x, xp))
+            count_correct(model, xp, y, noise, [stream(k) for k in range(cells)], inline=model.inline_projection(x, xp))
 
     fns = {"fused": lambda: model.fc(ref(x)[0][:, -1]), "naive": lambda: naive_noisy(model, x, 0.5, gen),
            "dni": lambda: dni_cells("fp32")}
     if has_fast_bf16(device):
         fns["dni_bf16"] = lambda: dni_cells("bf16")
+    if has_fast_ars(device):
+        fns["dni_ars"] = lambda: dni_cells("fp32", ArsGenerator)
     with torch.no_grad():
         t = _time_all({name: _synced(fn, device) for name, fn in fns.items()})
-    t_dni, t_bf16 = t["dni"] / cells, t["dni_bf16"] / cells if "dni_bf16" in t else None
+    t_dni = t["dni"] / cells
+    other = {name: batch * cells / t[name] if name in t else None for name in ("dni_bf16", "dni_ars")}
     return {"fused": batch / t["fused"], "naive": batch / t["naive"], "dni": batch / t_dni,
-            "dni_gflops": batch * _flops(arch, steps, inputs) / t_dni / 1e9,
-            "dni_bf16": batch / t_bf16 if t_bf16 else None}
+            "dni_gflops": batch * _flops(arch, steps, inputs) / t_dni / 1e9, **other}
 
 
 def training(arch: str, data: str, batch: int = 128, device: torch.device | str = "cpu") -> dict[str, float]:
@@ -275,7 +289,8 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
 
         drawn_by = "Triton kernel" if gpu_philox.available(device) else "torch ops"
     log(f"N(0,1) samples/s: dni's Philox stream {rates['dni'] / 1e9:.2f} G ({drawn_by}), "
-        f"the same stream in torch ops {rates['torch_ops'] / 1e9:.2f} G, torch.randn {rates['randn'] / 1e9:.2f} G")
+        f"the same stream in torch ops {rates['torch_ops'] / 1e9:.2f} G, torch.randn {rates['randn'] / 1e9:.2f} G"
+        + (f"; dni's ARS stream {rates['ars'] / 1e9:.2f} G" if "ars" in rates else ""))
     log(f"{'shape':16s} {'fused torch':>12s} {'naive noisy':>12s} {'dni noisy':>12s} {'vs fused':>9s} {'vs naive':>9s} {'% peak':>7s} "
         f"{'dni bf16':>10s} {'vs fused':>9s} {'vs naive':>9s}   (sequences/s, batch 1000; bf16 changes the numbers)")
     cases = [("lstm", "rows"), ("lstm", "strokes"), ("rnn", "rows")]
@@ -284,6 +299,8 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
         r.update(noisy_vs_fused=r["dni"] / r["fused"], noisy_vs_naive=r["dni"] / r["naive"], frac_of_peak=r["dni_gflops"] / peak)
         bf16 = r["dni_bf16"]
         r.update(bf16_vs_fused=bf16 / r["fused"] if bf16 else None, bf16_vs_naive=bf16 / r["naive"] if bf16 else None)
+        ars = r["dni_ars"]
+        r.update(ars_vs_fused=ars / r["fused"] if ars else None, ars_vs_naive=ars / r["naive"] if ars else None)
         result[f"infer_{arch}_{data}"] = r
         bf16_cols = f"{bf16:10.0f} {r['bf16_vs_fused']:9.2f} {r['bf16_vs_naive']:9.2f}" if bf16 else f"{'n/a':>10s} {'':9s} {'':9s}"
         log(f"{arch + ' ' + data:16s} {r['fused']:12.0f} {r['naive']:12.0f} {r['dni']:12.0f} {r['noisy_vs_fused']:9.2f} {r['noisy_vs_naive']:9.2f} "
@@ -306,7 +323,14 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
         log(f"LSTM rows, whole machine (sequences/s): dni noisy 1 process x 2 threads {w['1x2']:.0f}, 2 processes x 1 thread "
             f"{w['2x1']:.0f} ({w['2x1'] / w['1x2']:.2f}x); fused torch {w['fused_1x2']:.0f} and {w['fused_2x1']:.0f}; "
             f"dni vs fused, both 2 x 1: {w['noisy_vs_fused_2x1']:.2f}")
-    for key in ("noisy_vs_fused", "noisy_vs_naive", "frac_of_peak", "bf16_vs_fused", "bf16_vs_naive"):
+    ars_rows = [(f"{a} {d}", result[f"infer_{a}_{d}"]) for a, d in cases if result[f"infer_{a}_{d}"]["dni_ars"]]
+    if ars_rows:
+        log(f"{'shape':16s} {'dni ars':>12s} {'vs fused':>9s} {'vs naive':>9s} {'vs philox':>10s}   "
+            "(sequences/s, batch 1000, --rng ars: the ARS stream, other samples than philox)")
+        for name, r in ars_rows:
+            log(f"{name:16s} {r['dni_ars']:12.0f} {r['ars_vs_fused']:9.2f} {r['ars_vs_naive']:9.2f} {r['dni_ars'] / r['dni']:10.2f}")
+    for key in ("noisy_vs_fused", "noisy_vs_naive", "frac_of_peak", "bf16_vs_fused", "bf16_vs_naive", "ars_vs_fused",
+                "ars_vs_naive"):
         result[key] = {f"{a}_{d}": result[f"infer_{a}_{d}"][key] for a, d in cases}
     result["train_vs_fused"] = {f"{a}_{d}": result[f"train_{a}_{d}"]["train_vs_fused"] for a, d in cases}
     return result

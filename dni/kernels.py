@@ -110,17 +110,18 @@ def _compile_with(flags: list[str]) -> ctypes.CDLL:
                     os.unlink(path)
     lib = ctypes.CDLL(str(lib_path))
     f32p, i64, u64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float
-    lib.dni_normal.argtypes = [f32p, i64, u64, u64, f32, ctypes.c_int]
-    lib.dni_lstm_step.argtypes = [f32p, f32p, f32p, f32p, i64, i64, u64, u64, f32]
-    lib.dni_rnn_step.argtypes = [f32p, f32p, f32p, i64, i64, u64, u64, f32]
-    lib.dni_philox4x32_10.argtypes = [ctypes.c_void_p] * 3
-    lib.dni_lstm_train_fwd.argtypes = [f32p] * 6 + [i64, i64, u64, u64, f32]
-    lib.dni_lstm_train_bwd.argtypes = [f32p] * 6 + [i64, i64]
     i32, u64p = ctypes.c_int, ctypes.c_void_p
+    lib.dni_normal.argtypes = [f32p, i64, u64, i32, u64, f32, i32]
+    lib.dni_lstm_step.argtypes = [f32p, f32p, f32p, f32p, i64, i64, u64, i32, u64, f32]
+    lib.dni_rnn_step.argtypes = [f32p, f32p, f32p, i64, i64, u64, i32, u64, f32]
+    lib.dni_philox4x32_10.argtypes = [ctypes.c_void_p] * 3
+    lib.dni_ars4x32_7.argtypes = [ctypes.c_void_p] * 3
+    lib.dni_lstm_train_fwd.argtypes = [f32p] * 6 + [i64, i64, u64, i32, u64, f32]
+    lib.dni_lstm_train_bwd.argtypes = [f32p] * 6 + [i64, i64]
     lib.dni_set_sgemm.argtypes = [ctypes.c_void_p]
     lib.dni_set_gemm_bf16.argtypes = [ctypes.c_void_p]
-    lib.dni_recurrence.argtypes = [i32] + [f32p] * 7 + [i64] * 3 + [u64, u64p, f32, i64, i32, i32, i32]
-    lib.dni_train_forward.argtypes = [i32] + [f32p] * 7 + [i64] * 3 + [u64, u64p, f32, i32, i32, i32]
+    lib.dni_recurrence.argtypes = [i32] + [f32p] * 7 + [i64] * 3 + [u64, i32, u64p, f32, i64, i32, i32, i32]
+    lib.dni_train_forward.argtypes = [i32] + [f32p] * 7 + [i64] * 3 + [u64, i32, u64p, f32, i32, i32, i32]
     lib.dni_train_backward.argtypes = [i32] + [f32p] * 7 + [i64] * 3 + [i32, i32, i32]
     lib.dni_blas_mm.argtypes = [i32] + [f32p] * 3 + [i64] * 3
     lib.dni_blas_mm_bf16.argtypes = [f32p] * 3 + [i64] * 3
@@ -128,12 +129,14 @@ def _compile_with(flags: list[str]) -> ctypes.CDLL:
     lib.dni_projection2_mismatches.restype = ctypes.c_int64
     lib.dni_set_vs_sqrt.argtypes = [ctypes.c_void_p]
     lib.dni_adam_step.argtypes = [f32p] * 4 + [i64] + [f32] * 7
-    for fn in (lib.dni_normal, lib.dni_lstm_step, lib.dni_rnn_step, lib.dni_philox4x32_10, lib.dni_lstm_train_fwd,
+    for fn in (lib.dni_normal, lib.dni_lstm_step, lib.dni_rnn_step, lib.dni_philox4x32_10, lib.dni_ars4x32_7, lib.dni_lstm_train_fwd,
                lib.dni_lstm_train_bwd, lib.dni_set_sgemm, lib.dni_set_gemm_bf16, lib.dni_train_backward, lib.dni_blas_mm,
                lib.dni_set_vs_sqrt):
         fn.restype = None
-    for fn in (lib.dni_recurrence, lib.dni_train_forward, lib.dni_openmp, lib.dni_blas_mm_bf16, lib.dni_adam_step):
+    for fn in (lib.dni_recurrence, lib.dni_train_forward, lib.dni_openmp, lib.dni_blas_mm_bf16, lib.dni_adam_step,
+               lib.dni_has_ars):
         fn.restype = ctypes.c_int
+    lib.ars = bool(lib.dni_has_ars())
     lib.blas = _attach_blas(lib)
     lib.bf16 = lib.blas and _attach_gemm_bf16(lib)
     lib.openmp = bool(lib.dni_openmp())
@@ -227,6 +230,16 @@ def available() -> bool:
     return library() is not None
 
 
+#: dni's counter-based streams by rng name, as the compiled kernels number them.
+STREAMS = {"philox": 0, "ars": 1}
+
+
+def draws(lib: ctypes.CDLL | None, stream: str) -> bool:
+    """Whether the compiled library ``lib`` draws ``stream``: Philox always, ARS where the
+    CPU has AES instructions."""
+    return lib is not None and (stream != "ars" or lib.ars)
+
+
 def build_error() -> str | None:
     library()
     return _error
@@ -297,7 +310,7 @@ def _two_input_weights(w_x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor | None, w_h: torch.Tensor, h: torch.Tensor,
                      c: torch.Tensor | None, key: int, starts: list[int], sigma: float, threads: int | None = None,
-                     inline: InlineProjection | None = None, w_h16: torch.Tensor | None = None) -> None:
+                     inline: InlineProjection | None = None, w_h16: torch.Tensor | None = None, stream: int = 0) -> None:
     """Run the whole noisy recurrence with the compiled step, updating ``h`` (and ``c``) in place.
 
     Args:
@@ -309,6 +322,7 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor | None, w_h: 
             instead of read from ``xp`` (same bits; see :class:`InlineProjection`).
         w_h16: ``w_h`` in bfloat16, for bf16 products (``lib.bf16`` must be True): each step
             multiplies h rounded to bf16 by it, accumulating in fp32 (see dni.precision).
+        stream: which of dni's streams the noise comes from (:data:`STREAMS`).
 
     The batch is cut into contiguous row blocks, one per thread, and each thread runs every
     step of its block: the recurrent GEMM of its rows (single-threaded BLAS) and the fused
@@ -345,7 +359,7 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor | None, w_h: 
                 raise ValueError(f"w_h16 must be w_h {tuple(w_h.shape)} in bfloat16, got {w_h16.dtype} {tuple(w_h16.shape)}")
             w16_ptr = w_h16.data_ptr()
         _c_row_blocks(lib, lambda k0, k1, parts: lib.dni_recurrence(
-            int(arch == "lstm"), xp.data_ptr() if xp is not None else 0, x_ptr, w_ptr, w_h.data_ptr(), w16_ptr, h.data_ptr(), c_ptr, steps, batch, hidden, key, starts_c,
+            int(arch == "lstm"), xp.data_ptr() if xp is not None else 0, x_ptr, w_ptr, w_h.data_ptr(), w16_ptr, h.data_ptr(), c_ptr, steps, batch, hidden, key, stream, starts_c,
             sigma, CACHE_ROWS, k0, k1, parts), batch, threads)
         return
 
@@ -362,9 +376,9 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor | None, w_h: 
                 start = starts[t] + b0 * per_row
                 x = xp[t, b0:b1].data_ptr()
                 if arch == "lstm":
-                    lib.dni_lstm_step(m_ptr, x, c_ptr, h_ptr, b1 - b0, hidden, key, start, sigma)
+                    lib.dni_lstm_step(m_ptr, x, c_ptr, h_ptr, b1 - b0, hidden, key, stream, start, sigma)
                 else:
-                    lib.dni_rnn_step(m_ptr, x, h_ptr, b1 - b0, hidden, key, start, sigma)
+                    lib.dni_rnn_step(m_ptr, x, h_ptr, b1 - b0, hidden, key, stream, start, sigma)
 
     _in_row_blocks(run, batch, threads)
 
@@ -422,7 +436,7 @@ def _on_threads(parts: int, fn: Callable[[int], object]) -> list:
 
 
 def _train_forward(lib: ctypes.CDLL, lstm: bool, xp: torch.Tensor | None, w_h: torch.Tensor, key: int, starts: list[int],
-                   sigma: float, inline: InlineProjection | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   sigma: float, inline: InlineProjection | None = None, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The noisy recurrence over ``xp`` (steps, batch, R) with contiguous ``w_h`` (R, H),
     keeping what the backward needs: the states hs, cs (steps + 1, batch, H; row 0 zeros)
     and the activated LSTM gates acts (steps, batch, 4H). With ``inline`` (an LSTM with two
@@ -443,7 +457,7 @@ def _train_forward(lib: ctypes.CDLL, lstm: bool, xp: torch.Tensor | None, w_h: t
         xp_ptr = xp.data_ptr() if xp is not None else 0
         _c_row_blocks(lib, lambda k0, k1, parts: lib.dni_train_forward(
             int(lstm), xp_ptr, x_ptr, w2_ptr, w_h.data_ptr(), hs.data_ptr(), cs.data_ptr(), acts.data_ptr(), steps, batch,
-            hidden, key, starts_c, sigma, k0, k1, parts), batch, None)
+            hidden, key, stream, starts_c, sigma, k0, k1, parts), batch, None)
         return hs, cs, acts
     w_t = w_h.t()
     mm = xp.new_empty(batch, rows)  # reused by every step; the kernels add xp[t]
@@ -451,9 +465,9 @@ def _train_forward(lib: ctypes.CDLL, lstm: bool, xp: torch.Tensor | None, w_h: t
         torch.mm(hs[t], w_t, out=mm)
         if lstm:
             lib.dni_lstm_train_fwd(mm.data_ptr(), xp[t].data_ptr(), cs[t].data_ptr(), cs[t + 1].data_ptr(),
-                                   hs[t + 1].data_ptr(), acts[t].data_ptr(), batch, hidden, key, starts[t], sigma)
+                                   hs[t + 1].data_ptr(), acts[t].data_ptr(), batch, hidden, key, stream, starts[t], sigma)
         else:
-            lib.dni_rnn_step(mm.data_ptr(), xp[t].data_ptr(), hs[t + 1].data_ptr(), batch, hidden, key, starts[t], sigma)
+            lib.dni_rnn_step(mm.data_ptr(), xp[t].data_ptr(), hs[t + 1].data_ptr(), batch, hidden, key, stream, starts[t], sigma)
     return hs, cs, acts
 
 
@@ -532,7 +546,7 @@ class _NoisyLayerTrain(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lib, arch, key, starts, sigma):
+    def forward(ctx, x, weight, bias, lib, arch, key, starts, sigma, stream):
         batch, steps, inputs = x.shape
         xt = x.transpose(0, 1).reshape(steps * batch, inputs).contiguous()
         w_h = weight[:, inputs:].contiguous()  # a column slice of W: copied once, not at every GEMM
@@ -541,7 +555,7 @@ class _NoisyLayerTrain(torch.autograd.Function):
             xp, inline = projection_or_inline(lib, xt, weight[:, :inputs], bias, steps, batch)
         else:
             xp, inline = torch.addmm(bias, xt, weight[:, :inputs].t()).view(steps, batch, -1), None
-        hs, cs, acts = _train_forward(lib, lstm, xp, w_h, key, starts, sigma, inline)
+        hs, cs, acts = _train_forward(lib, lstm, xp, w_h, key, starts, sigma, inline, stream)
         ctx.lib, ctx.lstm, ctx.threads = lib, lstm, torch.get_num_threads()
         ctx.save_for_backward(xt, weight, w_h, hs, cs, acts)
         return hs[-1].clone()
@@ -562,11 +576,11 @@ class _NoisyLayerTrain(torch.autograd.Function):
             operands = torch.cat([xt, hs[:-1].reshape(steps * batch, -1), xt.new_ones(steps * batch, 1)], dim=1)
             grads = operands.t() @ d2  # (inputs + H + 1, R)
             grad_w, grad_b = grads[:-1].t().contiguous(), grads[-1].clone()
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 def fused_layer_train(lib: ctypes.CDLL, arch: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                      key: int, starts: list[int], sigma: float) -> torch.Tensor:
+                      key: int, starts: list[int], sigma: float, stream: int = 0) -> torch.Tensor:
     """The last output state h_T of the noisy layer on inputs ``x`` (batch, steps, inputs),
     differentiable in ``x``, ``weight`` = [W_x | W_h] and ``bias``.
 
@@ -574,7 +588,7 @@ def fused_layer_train(lib: ctypes.CDLL, arch: str, x: torch.Tensor, weight: torc
     (:meth:`~dni.models.NoisyRecurrent.project`, then :func:`fused_recurrence`); the
     gradients are those of the per-step torch ops, to float rounding.
     """
-    return _NoisyLayerTrain.apply(x, weight, bias, lib, arch, key, starts, sigma)
+    return _NoisyLayerTrain.apply(x, weight, bias, lib, arch, key, starts, sigma, stream)
 
 
 # --------------------------------------------------------------------------- pure torch
@@ -599,23 +613,27 @@ def philox_blocks_torch(key: int, counter: int, nblocks: int, device: torch.devi
     return torch.stack([c0, c1, c2, c3], dim=1)
 
 
-def normal_on(n: int, key: int, counter: int, device: torch.device | str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
+def normal_on(n: int, key: int, counter: int, device: torch.device | str = "cpu", out: torch.Tensor | None = None,
+              stream: str = "philox") -> torch.Tensor:
     """The samples of :func:`normal_torch`, drawn the fastest way ``device`` has without the
-    compiled CPU kernel: on a GPU one Triton kernel (:mod:`dni.gpu_philox`) where Triton is
-    installed, which it is with torch's CUDA builds; else the torch ops. Written into
-    ``out`` (contiguous, ``n`` float32) where given."""
+    compiled CPU kernel: for Philox on a GPU one Triton kernel (:mod:`dni.gpu_philox`) where
+    Triton is installed, which it is with torch's CUDA builds; else the torch ops. Written
+    into ``out`` (contiguous, ``n`` float32) where given."""
     device = torch.device(device)
-    if device.type != "cpu":  # (not imported on a CPU: importing Triton takes a while)
+    if device.type != "cpu" and stream == "philox":  # (not imported on a CPU: importing Triton takes a while)
         from dni import gpu_philox
 
         if gpu_philox.available(device):
             return gpu_philox.normal(n, key, counter, device, out)
-    z = normal_torch(n, key, counter, device)
+    z = normal_torch(n, key, counter, device, stream)
     return z if out is None else out.copy_(z)
 
 
-def normal_torch(n: int, key: int, counter: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The first ``n`` samples of the Philox/Box-Muller stream, computed with torch ops."""
+def normal_torch(n: int, key: int, counter: int, device: torch.device | str = "cpu", stream: str = "philox") -> torch.Tensor:
+    """The first ``n`` samples from block ``counter`` of stream ``key``, computed with torch
+    ops: Philox/Box-Muller, or with ``stream="ars"`` :func:`ars_normal_torch`."""
+    if stream == "ars":
+        return ars_normal_torch(n, key, counter, device)
     blocks = philox_blocks_torch(key, counter, (n + 3) // 4, device).to(torch.float64)
     inv32 = 2.0**-32
     u1a, va, u1b, vb = (blocks[:, 0] + 0.5) * inv32, blocks[:, 1] * inv32, (blocks[:, 2] + 0.5) * inv32, blocks[:, 3] * inv32
@@ -623,3 +641,82 @@ def normal_torch(n: int, key: int, counter: int, device: torch.device | str = "c
     z = torch.stack([ra * torch.cos(2 * math.pi * va), ra * torch.sin(2 * math.pi * va),
                      rb * torch.cos(2 * math.pi * vb), rb * torch.sin(2 * math.pi * vb)], dim=1)
     return z.reshape(-1)[:n].to(torch.float32)
+
+
+# ARS-7 (Salmon et al. 2011; Random123's ars1xm128i_R(7, ctr, key)) in torch ops: AES rounds
+# on (N, 16) byte states, byte i of a block being byte i of the 128-bit little-endian value.
+
+
+def _aes_sbox() -> list[int]:
+    """The AES S-box: the inverse in GF(2^8) (modulus x^8 + x^4 + x^3 + x + 1), then the
+    affine map with constant 0x63."""
+
+    def mul(a: int, b: int) -> int:
+        p = 0
+        for _ in range(8):
+            if b & 1:
+                p ^= a
+            a = ((a << 1) ^ (0x11B if a & 0x80 else 0)) & 0xFF
+            b >>= 1
+        return p
+
+    inverse = [0] + [next(b for b in range(1, 256) if mul(a, b) == 1) for a in range(1, 256)]
+    rot = lambda x, k: ((x << k) | (x >> (8 - k))) & 0xFF  # noqa: E731
+    return [b ^ rot(b, 1) ^ rot(b, 2) ^ rot(b, 3) ^ rot(b, 4) ^ 0x63 for b in inverse]
+
+
+_SBOX: list[int] | None = None
+_SHIFT_ROWS = [(r + 4 * ((c + r) % 4)) for c in range(4) for r in range(4)]  # out[r + 4c] = in[r + 4((c + r) % 4)]
+_WEYL = (0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B)  # low, high 64 bits
+
+
+def _bytes_of(value: int, device) -> torch.Tensor:
+    """A 128-bit value as its 16 bytes, least significant first: int64 (16,)."""
+    return torch.tensor([(value >> (8 * i)) & 0xFF for i in range(16)], dtype=torch.int64, device=device)
+
+
+def ars_blocks_torch(key: int, counter: int, nblocks: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """ARS-7 blocks ``counter .. counter + nblocks - 1`` of ``key`` (128-bit counter and key
+    (p, 0) and (key, 0)): int64 (nblocks, 4) of 32-bit words, as ``dni_ars4x32_7`` gives."""
+    global _SBOX
+    if _SBOX is None:
+        _SBOX = _aes_sbox()
+    sbox, shift = torch.tensor(_SBOX, dtype=torch.int64, device=device), torch.tensor(_SHIFT_ROWS, device=device)
+    cnt = torch.arange(nblocks, dtype=torch.int64, device=device) + counter
+    state = torch.zeros(nblocks, 16, dtype=torch.int64, device=device)
+    for i in range(8):
+        state[:, i] = (cnt >> (8 * i)) & 0xFF
+    lo, hi = key & (2**64 - 1), 0
+    round_keys = []
+    for _ in range(8):
+        round_keys.append(_bytes_of(lo | (hi << 64), device))
+        lo, hi = (lo + _WEYL[0]) & (2**64 - 1), (hi + _WEYL[1]) & (2**64 - 1)
+    state = state ^ round_keys[0]
+    for r in range(1, 8):
+        state = sbox[state][:, shift]  # SubBytes, ShiftRows
+        if r < 7:  # MixColumns (not in the last round)
+            a = state.view(nblocks, 4, 4)  # (block, column, row)
+            b = ((a << 1) ^ torch.where(a & 0x80 != 0, 0x1B, 0)) & 0xFF  # 2a in GF(2^8)
+            a0, a1, a2, a3 = a.unbind(2)
+            b0, b1, b2, b3 = b.unbind(2)
+            state = torch.stack([b0 ^ a1 ^ b1 ^ a2 ^ a3, a0 ^ b1 ^ a2 ^ b2 ^ a3,
+                                 a0 ^ a1 ^ b2 ^ a3 ^ b3, a0 ^ b0 ^ a1 ^ a2 ^ b3], dim=2).view(nblocks, 16)
+        state = state ^ round_keys[r]
+    b = state.view(nblocks, 4, 4)
+    return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+
+
+def ars_normal_torch(n: int, key: int, counter: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The first ``n`` samples from block ``counter`` of the ARS stream ``key`` (see
+    ``dni/csrc``): in chunk q of 8 blocks, the 16 words of its first 4 blocks are u_j,
+    those of the last 4 v_j, and samples 32q + j and 32q + 16 + j are
+    sqrt(-2 ln u1_j) (cos, sin)(2 pi v_j)."""
+    first = counter // 8
+    chunks = (4 * (counter - 8 * first) + n + 31) // 32
+    words = ars_blocks_torch(key, 8 * first, 8 * chunks, device).view(chunks, 2, 16).to(torch.float64)
+    inv32 = 2.0**-32
+    r = torch.sqrt(-2 * torch.log((words[:, 0] + 0.5) * inv32))
+    angle = 2 * math.pi * words[:, 1] * inv32
+    z = torch.cat([r * torch.cos(angle), r * torch.sin(angle)], dim=1).reshape(-1)
+    skip = 4 * (counter - 8 * first)
+    return z[skip : skip + n].to(torch.float32)

@@ -216,7 +216,7 @@ class NoisyRecurrent(nn.Module):
         needs_grad = torch.is_grad_enabled() and (ref.requires_grad or w_h.requires_grad)
         fused = None if observer is not None or needs_grad else _fused_kernel(self, noise, generator, ref)
         if xp is None and fused is None:
-            raise ValueError("recur without xp needs the compiled loop (CPU, fp32 or bf16, Philox or no noise)")
+            raise ValueError("recur without xp needs the compiled loop (CPU, fp32 or bf16, a dni stream or no noise)")
         if fused is not None:
             from dni.kernels import fused_recurrence, torch_single_threaded
 
@@ -231,7 +231,7 @@ class NoisyRecurrent(nn.Module):
                 c = ref.new_zeros(batch, self.hidden_size) if self.arch == "lstm" else None
                 w_h16 = w_h.to(torch.bfloat16) if self.precision == "bf16" else None
                 fused_recurrence(lib, self.arch, xp, w_h, h, c, _stream_key(generator), starts, sigma, threads=threads, inline=inline,
-                                 w_h16=w_h16)
+                                 w_h16=w_h16, stream=_stream_id(generator))
                 return noise(self._out(h), generator)
         # One draw per pre-activation element and per logit.
         draw_ahead(generator, noise, steps * batch * w_h.shape[0] + batch * self.fc.out_features, xp.device)
@@ -250,15 +250,17 @@ class NoisyRecurrent(nn.Module):
 
     def recurs_repeats(self, xp: torch.Tensor, noise: NoiseModel, generators) -> bool:
         """Whether :meth:`recur_repeats` runs these passes: on a device where passes draw
-        their noise ahead (a GPU, see :meth:`PhiloxGenerator.draws_ahead_on`), for the
-        LSTM and RNN at fp32 with additive noise from Philox streams at one position."""
-        from dni.noise import AdditiveGaussian, PhiloxGenerator
+        their noise ahead (a GPU, see :meth:`CounterGenerator.draws_ahead_on`), for the
+        LSTM and RNN at fp32 with additive noise from dni's streams at one position."""
+        from dni.noise import AdditiveGaussian, CounterGenerator
 
         if not plain_cell(self) or self.precision != "fp32" or xp.dtype != torch.float32:
             return False
-        if not isinstance(noise, AdditiveGaussian) or noise.is_noiseless or not PhiloxGenerator.draws_ahead_on(xp.device):
+        if not isinstance(noise, AdditiveGaussian) or noise.is_noiseless:
             return False
-        return all(isinstance(g, PhiloxGenerator) for g in generators) and len({g.counter for g in generators}) == 1
+        if not all(isinstance(g, CounterGenerator) for g in generators) or len({g.counter for g in generators}) != 1:
+            return False
+        return all(g.draws_ahead_on(xp.device) for g in generators)
 
     def recur_repeats(self, xp: torch.Tensor, noise: NoiseModel, generators) -> torch.Tensor:
         """Noisy logits of one pass per generator over the same projected inputs, shape
@@ -266,11 +268,11 @@ class NoisyRecurrent(nn.Module):
         with the same samples (each stream advances as that pass would advance it), run as
         one batched pass. On a GPU each pass's ~300 small kernels cost more to launch than
         to run; batched, the passes share the launches. Only where :meth:`recurs_repeats`."""
-        from dni.noise import philox_draws
+        from dni.noise import stream_draws
 
         steps, batch, rows = xp.shape
         passes, classes = len(generators), self.fc.out_features
-        z, offsets = philox_draws(generators, [batch * rows] * steps + [batch * classes], xp.device)
+        z, offsets = stream_draws(generators, [batch * rows] * steps + [batch * classes], xp.device)
 
         def samples(k: int, shape) -> torch.Tensor:  # every pass's samples of draw k
             return z[:, offsets[k] : offsets[k] + shape[0] * shape[1]].view(passes, *shape)
@@ -317,7 +319,8 @@ class NoisyRecurrent(nn.Module):
                 self._check_input(x)
                 lib, sigma = fused
                 starts = _stream_starts(generator, x.shape[0] * self.weight.shape[0], x.shape[1], sigma)
-                h = fused_layer_train(lib, self.arch, x, self.weight, self.bias, _stream_key(generator), starts, sigma)
+                h = fused_layer_train(lib, self.arch, x, self.weight, self.bias, _stream_key(generator), starts, sigma,
+                                      _stream_id(generator))
                 return noise(self.fc(h), generator)
         if observer is None and not torch.is_grad_enabled() and self.parse_sites(sites) is None:
             xp, inline = self._projection_or_inline(x, noise, generator)
@@ -398,14 +401,22 @@ def _stream_starts(generator, per_step: int, steps: int, sigma: float) -> list[i
 
 
 def _stream_key(generator) -> int:
-    """The Philox key of ``generator``; 0 for the noise-free pass without one (no draws)."""
+    """The stream key of ``generator``; 0 for the noise-free pass without one (no draws)."""
     return 0 if generator is None else generator.key
+
+
+def _stream_id(generator) -> int:
+    """The compiled kernels' number for the stream of ``generator`` (Philox without one)."""
+    from dni.kernels import STREAMS
+
+    return STREAMS["philox" if generator is None else generator.stream]
 
 
 def _fused_kernel(model: NoisyRecurrent, noise: NoiseModel, generator, xp: torch.Tensor):
     """(library, sigma) when the compiled fused step applies, else None.
 
-    It applies on CPU in fp32 with additive Gaussian noise from a Philox stream (or no
+    It applies on CPU in fp32 with additive Gaussian noise from a dni stream that the
+    library draws (Philox; ARS where the CPU has AES instructions) (or no
     noise and no generator: the clean passes of training), in
     inference and in training (with a hand-written backward): it computes the same
     pre-activation + noise and gate maths as :meth:`NoisyRecurrent.step`, drawing the
@@ -413,11 +424,11 @@ def _fused_kernel(model: NoisyRecurrent, noise: NoiseModel, generator, xp: torch
     GEMM (``lib.bf16``).
     """
     from dni import kernels
-    from dni.noise import AdditiveGaussian, PhiloxGenerator
+    from dni.noise import AdditiveGaussian, CounterGenerator
 
     if not isinstance(noise, AdditiveGaussian):
         return None
-    if not (isinstance(generator, PhiloxGenerator) or (generator is None and noise.is_noiseless)):
+    if not (isinstance(generator, CounterGenerator) or (generator is None and noise.is_noiseless)):
         return None
     if xp.device.type != "cpu" or xp.dtype != torch.float32 or model.hidden_size % 4:
         return None
@@ -426,6 +437,8 @@ def _fused_kernel(model: NoisyRecurrent, noise: NoiseModel, generator, xp: torch
     lib = kernels.library()
     if lib is None or not (model.precision == "fp32" or (model.precision == "bf16" and lib.bf16)):
         return None  # no compiled loop for this precision
+    if generator is not None and not kernels.draws(lib, generator.stream):
+        return None  # ARS without AES instructions
     return lib, float(noise.sigma)
 
 

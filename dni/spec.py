@@ -95,8 +95,9 @@ class TrainSpec:
     seed: int = 0
     sites: str = "all"  # which matrix-vector products are noisy (see NoisyRecurrent.parse_sites)
     init: str = "torch"  # weight initialisation, one of models.INITS
-    # Training-noise generator: torch (torch.randn) or philox (dni's counter-based stream,
-    # which lets training run the compiled noisy-recurrence kernels on CPU; ~1.4-2x faster per epoch).
+    # Training-noise generator: torch (torch.randn), philox (dni's counter-based stream,
+    # which lets training run the compiled noisy-recurrence kernels on CPU; ~1.4-2x faster per
+    # epoch) or ars (dni's AES-based stream, likewise; see dni.noise.ArsGenerator).
     rng: str = "torch"
 
     def __post_init__(self) -> None:
@@ -165,7 +166,7 @@ class EvalSpec:
     limit_test: int | None = None  # first N test digits; None = all 10,000
     batch_size: int = 1000  # part of the spec: it fixes how noise draws map to samples
     seed: int = 0
-    rng: str = "philox"  # noise generator: philox (dni's counter-based stream) or torch
+    rng: str = "philox"  # noise generator: philox (dni's counter-based stream), ars (dni's AES-based one) or torch
     weight_noise: float = 0.0  # programming noise on the weights, redrawn per repeat
     weight_noise_mode: str = "absolute"  # absolute std, or relative to each tensor's max |w|
     sites: str = "all"  # which matrix-vector products are noisy at inference

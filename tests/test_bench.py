@@ -72,6 +72,16 @@ def test_summary_holds_every_goal_ratio(monkeypatch, fast_bf16):
     assert (result["gemm_peak_bf16_gflops"] is not None) == fast_bf16
     inference_row = next(line for line in lines if line.startswith("lstm rows"))
     assert ("n/a" in inference_row) != fast_bf16
+    fast_ars = bench.has_fast_ars()  # the ARS stream: measured where the library draws it, else null
+    for case in cases:
+        r = result[f"infer_{case}"]
+        if fast_ars:
+            assert result["ars_vs_naive"][case] == pytest.approx(r["dni_ars"] / r["naive"])
+            assert result["ars_vs_fused"][case] == pytest.approx(r["dni_ars"] / r["fused"])
+        else:
+            assert r["dni_ars"] is None and result["ars_vs_fused"][case] is None
+    assert ("ars" in result["normals_per_s"]) == fast_ars
+    assert any("--rng ars" in line for line in lines) == fast_ars
 
 
 def test_timed_calls_wait_for_the_gpu(monkeypatch):

@@ -33,7 +33,7 @@ for n, key, counter in [
 # takes its own from there.
 kernels.library = lambda: None
 launches = []
-kernels.normal_on = lambda n, key, counter, device, out=None: (launches.append(n), gpu_philox.normal(n, key, counter, device, out))[1]
+kernels.normal_on = lambda n, key, counter, device, out=None, stream="philox": (launches.append(n), gpu_philox.normal(n, key, counter, device, out))[1]
 PhiloxGenerator.draws_ahead_on = staticmethod(lambda device: True)
 PhiloxGenerator.AHEAD_CHUNK = 1000
 gen, plain = PhiloxGenerator(7), PhiloxGenerator(7)

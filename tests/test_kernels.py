@@ -1,4 +1,5 @@
-"""Validation of dni's Philox/Box-Muller noise generator and the fused step kernels."""
+"""Validation of dni's noise streams (Philox/Box-Muller and ARS/Box-Muller) and the fused
+step kernels."""
 
 import math
 import subprocess
@@ -11,13 +12,21 @@ from scipy import stats
 
 from dni import kernels
 from dni.models import build_model
-from dni.noise import AdditiveGaussian, PhiloxGenerator
+from dni.noise import AdditiveGaussian, ArsGenerator, PhiloxGenerator
 
 N = 2_000_000
 
 
-def _stream(seed, n=N, start=0):
-    g = PhiloxGenerator(seed)
+@pytest.fixture(params=[PhiloxGenerator, ArsGenerator], ids=["philox", "ars"])
+def gen_cls(request, lib):
+    """Each of dni's streams, drawn by the compiled kernels (ARS needs AES instructions)."""
+    if not kernels.draws(lib, request.param.stream):
+        pytest.skip("this CPU has no AES instructions: the library does not draw ARS")
+    return request.param
+
+
+def _stream(seed, n=N, start=0, cls=PhiloxGenerator):
+    g = cls(seed)
     g.counter = start
     return g.normal((n,), torch.device("cpu"), torch.float32).numpy().astype(np.float64)
 
@@ -35,6 +44,47 @@ def test_philox_known_answers(lib):
         assert out.tolist() == expected
 
 
+def test_ars_known_answers(lib):
+    """Random123's known answers for ars1xm128i_R(7, ctr, key), as bytes in memory order,
+    from the compiled kernel (where the CPU has AES instructions) and the torch ops."""
+    cases = [(1, 1, "2b1623350cd214dc7740187993411872"), (256, 1, "2de6b66fa461b668f380126f32b9cd22")]
+    for ctr, key, expected in cases:
+        words = kernels.ars_blocks_torch(key, ctr, 1)[0]
+        assert np.array(words.tolist(), dtype="<u4").tobytes().hex() == expected
+        if lib.ars:
+            c, k, out = (np.array(v, dtype=np.uint32) for v in ([ctr, 0, 0, 0], [key, 0, 0, 0], [0, 0, 0, 0]))
+            lib.dni_ars4x32_7(c.ctypes.data, k.ctypes.data, out.ctypes.data)
+            assert out.astype("<u4").tobytes().hex() == expected
+
+
+def test_aes_sbox():
+    sbox = kernels._aes_sbox()
+    assert sorted(sbox) == list(range(256))
+    assert (sbox[0x00], sbox[0x01], sbox[0x53], sbox[0xFF]) == (0x63, 0x7C, 0xED, 0x16)
+
+
+def test_torch_implementation_draws_the_same_ars_stream(lib):
+    """The compiled ARS words and samples against the torch ops, at aligned and unaligned
+    positions (a chunk of the stream is 8 blocks) and across the 32-bit counter word."""
+    if not lib.ars:
+        pytest.skip("this CPU has no AES instructions")
+    key = 0x123456789ABCDEF
+    for start, n in ((2**33 - 5, 4001), (0, 1024), (13, 77), (8, 3), (6, 1)):
+        blocks = kernels.ars_blocks_torch(key, start, 3)
+        for j in range(3):
+            c = np.array([(start + j) & 0xFFFFFFFF, (start + j) >> 32, 0, 0], dtype=np.uint32)
+            k = np.array([key & 0xFFFFFFFF, key >> 32, 0, 0], dtype=np.uint32)
+            out = np.zeros(4, dtype=np.uint32)
+            lib.dni_ars4x32_7(c.ctypes.data, k.ctypes.data, out.ctypes.data)
+            assert out.tolist() == blocks[j].tolist()
+        compiled = _stream(key, n, start, ArsGenerator)
+        np.testing.assert_allclose(kernels.ars_normal_torch(n, key, start).numpy(), compiled, rtol=1e-5, atol=2e-6)
+
+
+def test_the_two_streams_differ(lib):
+    assert abs(_corr(_stream(5, 100_000), _stream(5, 100_000, cls=ArsGenerator))) < 5 / math.sqrt(100_000)
+
+
 def test_torch_implementation_draws_the_same_stream(lib):
     key, start = 0x123456789ABCDEF, 2**33 - 5  # counter crossing 32 bits
     blocks = kernels.philox_blocks_torch(key, start, 64)
@@ -48,8 +98,8 @@ def test_torch_implementation_draws_the_same_stream(lib):
     np.testing.assert_allclose(kernels.normal_torch(4001, key, start).numpy(), compiled, rtol=1e-5, atol=2e-6)
 
 
-def test_moments_and_distribution(lib):
-    z = _stream(1)
+def test_moments_and_distribution(gen_cls):
+    z = _stream(1, cls=gen_cls)
     se = 1 / math.sqrt(N)
     assert abs(z.mean()) < 5 * se
     assert abs(z.var() - 1) < 5 * math.sqrt(2) * se
@@ -70,50 +120,54 @@ def _corr(a, b):
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def test_independence_across_steps_samples_and_repeats(lib):
-    z = _stream(2, 4 * 512 * 1000).reshape(4, 1000, 512)  # (step, sample, unit)
+def test_independence_across_steps_samples_and_repeats(gen_cls):
+    z = _stream(2, 4 * 512 * 1000, cls=gen_cls).reshape(4, 1000, 512)  # (step, sample, unit)
     bound = 5 / math.sqrt(1000 * 512)
     assert abs(_corr(z[0].ravel(), z[1].ravel())) < bound  # consecutive steps
     assert abs(_corr(z[0, :-1].ravel(), z[0, 1:].ravel())) < bound  # neighbouring samples
     assert abs(_corr(z[0, :, :-1].ravel(), z[0, :, 1:].ravel())) < bound  # neighbouring units, incl. Box-Muller pairs
-    assert abs(_corr(z[0, :, 0::2].ravel() ** 2, z[0, :, 1::2].ravel() ** 2)) < bound  # pairs share a radius: check squares
+    assert abs(_corr(z[0, :, 0::2].ravel() ** 2, z[0, :, 1::2].ravel() ** 2)) < bound  # Philox's pairs share a radius
+    pairs = z[0].reshape(-1, 2, 16)  # ARS's pairs: samples j and 16 + j of each chunk of 32
+    assert abs(_corr(pairs[:, 0].ravel() ** 2, pairs[:, 1].ravel() ** 2)) < bound
+    assert abs(_corr(pairs[:, 0].ravel(), pairs[:, 1].ravel())) < bound
     from dni.evaluate import cell_seed
 
-    r0 = _stream(cell_seed(0, "m", 0.5, 0), 500_000)
-    r1 = _stream(cell_seed(0, "m", 0.5, 1), 500_000)
+    r0 = _stream(cell_seed(0, "m", 0.5, 0), 500_000, cls=gen_cls)
+    r1 = _stream(cell_seed(0, "m", 0.5, 1), 500_000, cls=gen_cls)
     assert abs(_corr(r0, r1)) < 5 / math.sqrt(500_000)  # repeats
     assert not np.array_equal(r0[:100], r1[:100])
 
 
-def test_lag_autocorrelation(lib):
-    z = _stream(3, 1_000_000)
-    for lag in (1, 2, 3, 4, 5, 8, 128, 512):
+def test_lag_autocorrelation(gen_cls):
+    z = _stream(3, 1_000_000, cls=gen_cls)
+    for lag in (1, 2, 3, 4, 5, 8, 16, 32, 128, 512):
         assert abs(_corr(z[:-lag], z[lag:])) < 5 / math.sqrt(len(z)), lag
 
 
-def test_same_seed_same_samples_however_the_stream_is_cut(lib):
-    whole = _stream(7, 10_000)
-    g = PhiloxGenerator(7)
-    parts = [g.normal((n,), torch.device("cpu"), torch.float32).numpy() for n in (4, 1000, 3996, 5000)]
+def test_same_seed_same_samples_however_the_stream_is_cut(gen_cls):
+    whole = _stream(7, 10_000, cls=gen_cls)
+    g = gen_cls(7)
+    parts = [g.normal((n,), torch.device("cpu"), torch.float32).numpy() for n in (4, 1000, 12, 3984, 5000)]
     np.testing.assert_array_equal(np.concatenate(parts), whole.astype(np.float32))
 
 
-def _worker_stream(seed):
-    return _stream(seed, 1000).tolist()
+def _worker_stream(args):
+    seed, cls = args
+    return _stream(seed, 1000, cls=cls).tolist()
 
 
-def test_same_samples_in_worker_processes(lib):
+def test_same_samples_in_worker_processes(gen_cls):
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
-        a, b = pool.map(_worker_stream, [11, 12])
-    assert a == _stream(11, 1000).tolist()
+        a, b = pool.map(_worker_stream, [(11, gen_cls), (12, gen_cls)])
+    assert a == _stream(11, 1000, cls=gen_cls).tolist()
     assert abs(_corr(np.array(a), np.array(b))) < 0.2 and a != b
 
 
 @pytest.mark.parametrize("hidden", [6, 128, 256, 300, 520])
-def test_lstm_step_adds_exactly_the_stream_of_its_rows(lib, hidden):
+def test_lstm_step_adds_exactly_the_stream_of_its_rows(lib, gen_cls, hidden):
     """Row b of a step adds samples b·4H .. (b + 1)·4H - 1 of the stream (drawn in pieces
     when 4H exceeds the kernel's chunk): the noisy step equals the noise-free step on
     pre-activations to which dni_normal's samples were added, bit for bit."""
@@ -123,30 +177,31 @@ def test_lstm_step_adds_exactly_the_stream_of_its_rows(lib, hidden):
     xp = (torch.rand(batch, 4 * hidden, generator=gen) - 0.5) * 8
     c0 = torch.rand(batch, hidden, generator=gen) - 0.5
     z = torch.empty(batch * 4 * hidden)
-    lib.dni_normal(z.data_ptr(), z.numel(), 21, counter, 0.7, 0)
+    stream = kernels.STREAMS[gen_cls.stream]
+    lib.dni_normal(z.data_ptr(), z.numel(), 21, stream, counter, 0.7, 0)
     noisy_in = (pre + xp) + z.view(batch, 4 * hidden)
     c, h = c0.clone(), torch.empty(batch, hidden)
-    lib.dni_lstm_step(pre.data_ptr(), xp.data_ptr(), c.data_ptr(), h.data_ptr(), batch, hidden, 21, counter, 0.7)
+    lib.dni_lstm_step(pre.data_ptr(), xp.data_ptr(), c.data_ptr(), h.data_ptr(), batch, hidden, 21, stream, counter, 0.7)
     c_ref, h_ref = c0.clone(), torch.empty(batch, hidden)
-    lib.dni_lstm_step(noisy_in.data_ptr(), None, c_ref.data_ptr(), h_ref.data_ptr(), batch, hidden, 21, 0, 0.0)
+    lib.dni_lstm_step(noisy_in.data_ptr(), None, c_ref.data_ptr(), h_ref.data_ptr(), batch, hidden, 21, stream, 0, 0.0)
     assert torch.equal(c, c_ref) and torch.equal(h, h_ref)
 
 
 @pytest.mark.parametrize("arch,inputs", [("lstm", 28), ("lstm", 2), ("rnn", 28)])
-def test_fused_step_equals_the_generic_path(lib, arch, inputs, monkeypatch):
+def test_fused_step_equals_the_generic_path(gen_cls, arch, inputs, monkeypatch):
     torch.manual_seed(0)
     model = build_model(arch, inputs)
     x = torch.rand(64, 28 if inputs == 28 else 50, inputs)
     noise = AdditiveGaussian(0.8)
     with torch.no_grad():
-        fused = model(x, noise, PhiloxGenerator(5))
+        fused = model(x, noise, gen_cls(5))
         monkeypatch.setattr("dni.models._fused_kernel", lambda *a: None)
-        generic = model(x, noise, PhiloxGenerator(5))
+        generic = model(x, noise, gen_cls(5))
     torch.testing.assert_close(fused, generic, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["lstm", "rnn"])
-def test_row_blocks_across_threads_draw_the_same_noise(lib, loop_mode, arch, monkeypatch):
+def test_row_blocks_across_threads_draw_the_same_noise(lib, loop_mode, gen_cls, arch, monkeypatch):
     """The fused recurrence splits the batch into one row block per thread: the noise must
     not depend on the split. With zero recurrent weights the GEMM adds exact zeros, so
     every split must give the same bits; with real weights it matches the generic path."""
@@ -161,9 +216,10 @@ def test_row_blocks_across_threads_draw_the_same_noise(lib, loop_mode, arch, mon
             for threads in (1, 2, 3):
                 h = torch.zeros(300, 128)
                 c = torch.zeros(300, 128) if arch == "lstm" else None
-                gen = PhiloxGenerator(9)
+                gen = gen_cls(9)
                 starts = [gen.take(300 * w_h.shape[0]) for _ in range(28)]
-                kernels.fused_recurrence(lib, arch, xp, w_h, h, c, gen.key, starts, 0.7, threads=threads)
+                kernels.fused_recurrence(lib, arch, xp, w_h, h, c, gen.key, starts, 0.7, threads=threads,
+                                         stream=kernels.STREAMS[gen.stream])
                 results.append(h)
             if not w_h.any():
                 assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
@@ -172,12 +228,12 @@ def test_row_blocks_across_threads_draw_the_same_noise(lib, loop_mode, arch, mon
         threads_before = torch.get_num_threads()
         torch.set_num_threads(2)
         try:
-            fused = model(x, noise, PhiloxGenerator(5))
+            fused = model(x, noise, gen_cls(5))
             assert torch.get_num_threads() == 2  # restored after the single-threaded blocks
         finally:
             torch.set_num_threads(threads_before)
         monkeypatch.setattr("dni.models._fused_kernel", lambda *a: None)
-        generic = model(x, noise, PhiloxGenerator(5))
+        generic = model(x, noise, gen_cls(5))
     torch.testing.assert_close(fused, generic, rtol=1e-4, atol=1e-4)
 
 
@@ -246,11 +302,12 @@ def test_projections_that_the_formula_misses_by_one_bit_are_read_instead(lib):
             model.recur(xp, AdditiveGaussian(0.5), PhiloxGenerator(1), inline=other)
 
 
-def test_fallback_without_a_compiler_gives_the_same_results(tmp_path):
+@pytest.mark.parametrize("rng", ["philox", "ars"])
+def test_fallback_without_a_compiler_gives_the_same_results(tmp_path, rng):
     code = (
-        "import torch; from dni.models import build_model; from dni.noise import AdditiveGaussian, PhiloxGenerator; "
+        "import torch; from dni.models import build_model; from dni.noise import AdditiveGaussian, make_generator; "
         "from dni import kernels; torch.manual_seed(0); m = build_model('lstm', 28); x = torch.rand(32, 28, 28); "
-        "y = m(x, AdditiveGaussian(0.5), PhiloxGenerator(9)).detach(); print(kernels.available(), *y.flatten().tolist())"
+        f"y = m(x, AdditiveGaussian(0.5), make_generator({rng!r}, 9)).detach(); print(kernels.available(), *y.flatten().tolist())"
     )
     outs = []
     for env in ({"DNI_NO_KERNELS": "1"}, {}):

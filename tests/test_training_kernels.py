@@ -1,4 +1,4 @@
-"""The compiled training path (Philox noise, hand-written backward) and the pinned noise bits."""
+"""The compiled training path (dni's noise streams, hand-written backward) and the pinned noise bits."""
 
 import hashlib
 
@@ -10,13 +10,13 @@ import dni.train
 from dni import kernels
 from dni.errors import SpecError
 from dni.models import build_model
-from dni.noise import AdditiveGaussian, PhiloxGenerator
+from dni.noise import AdditiveGaussian, ArsGenerator, PhiloxGenerator
 from dni.spec import TrainSpec
 
 
-def _loss_and_grads(model, xs, y, sigma, seed=123):
+def _loss_and_grads(model, xs, y, sigma, seed=123, cls=PhiloxGenerator):
     model.zero_grad(set_to_none=True)
-    gen = PhiloxGenerator(seed)
+    gen = cls(seed)
     outs = [model(x, AdditiveGaussian(sigma), gen) for x in xs]  # several forwards before one backward
     loss = sum(F.cross_entropy(o, y) for o in outs)
     loss.backward()
@@ -42,6 +42,25 @@ def test_fused_training_matches_autograd_over_the_torch_ops(lib, loop_mode, two_
     assert counter == ref_counter  # same stream positions
     for a, b in zip(outs, ref_outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,inputs,steps", [("lstm", 28, 28), ("lstm", 2, 50), ("rnn", 28, 28)])
+def test_fused_training_with_ars_noise_matches_autograd(lib, arch, inputs, steps, monkeypatch):
+    """The compiled training path draws the ARS stream where the generator is ARS."""
+    if not lib.ars:
+        pytest.skip("this CPU has no AES instructions")
+    torch.manual_seed(0)
+    model = build_model(arch, inputs)
+    xs, y = [torch.rand(150, steps, inputs)], torch.randint(0, 10, (150,))
+    outs, grads, counter = _loss_and_grads(model, xs, y, 0.7, cls=ArsGenerator)
+    philox_outs, _, _ = _loss_and_grads(model, xs, y, 0.7)
+    assert not torch.allclose(outs[0], philox_outs[0])  # another stream
+    monkeypatch.setattr("dni.models._fused_kernel", lambda *a: None)
+    ref_outs, ref_grads, ref_counter = _loss_and_grads(model, xs, y, 0.7, cls=ArsGenerator)
+    assert counter == ref_counter
+    torch.testing.assert_close(outs[0], ref_outs[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -132,8 +151,11 @@ def test_train_rng_is_a_spec_field_left_out_of_ids_at_its_default():
         TrainSpec(rng="mt19937")
 
 
-def test_training_with_philox_noise_is_reproducible_and_matches_the_generic_path(lib, fixture_data, monkeypatch):
-    spec = TrainSpec(arch="lstm", sigma_train=0.5, rng="philox", epochs=1, limit_train=300, val_size=44)
+@pytest.mark.parametrize("rng", ["philox", "ars"])
+def test_training_with_dni_noise_is_reproducible_and_matches_the_generic_path(lib, fixture_data, monkeypatch, rng):
+    if not kernels.draws(lib, rng):
+        pytest.skip("this CPU has no AES instructions")
+    spec = TrainSpec(arch="lstm", sigma_train=0.5, rng=rng, epochs=1, limit_train=300, val_size=44)
     first = dni.train.train(spec, fixture_data)
     again = dni.train.train(spec, fixture_data)
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
@@ -166,10 +188,31 @@ def test_noise_and_step_bits_are_pinned(lib):
     pre = (torch.rand(batch, 4 * hidden, generator=gen) - 0.5) * 8
     c = torch.rand(batch, hidden, generator=gen) - 0.5
     h, h_rnn = torch.empty(batch, hidden), torch.empty(batch, 4 * hidden)
-    lib.dni_lstm_step(pre.data_ptr(), None, c.data_ptr(), h.data_ptr(), batch, hidden, 99, 2**32 - 11, 0.7)
-    lib.dni_rnn_step(pre.data_ptr(), None, h_rnn.data_ptr(), batch, 4 * hidden, 99, 2**32 - 11, 0.7)
+    lib.dni_lstm_step(pre.data_ptr(), None, c.data_ptr(), h.data_ptr(), batch, hidden, 99, 0, 2**32 - 11, 0.7)
+    lib.dni_rnn_step(pre.data_ptr(), None, h_rnn.data_ptr(), batch, 4 * hidden, 99, 0, 2**32 - 11, 0.7)
     digest = hashlib.sha256(c.numpy().tobytes() + h.numpy().tobytes() + h_rnn.numpy().tobytes()).hexdigest()
     assert digest == "458ed75eb2bbc64c48dc33e834852dff1742241fe481bd4229f39924d22e7682"
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="pinned bits were recorded on an AVX-512 CPU (FMA contraction)")
+def test_ars_noise_and_step_bits_are_pinned(lib):
+    """The ARS stream's bits, as test_noise_and_step_bits_are_pinned pins Philox's."""
+    if not lib.ars:
+        pytest.skip("this CPU has no AES instructions")
+    g = ArsGenerator(12345)
+    g.counter = 2**32 - 7  # the low counter word wraps inside the draw, which starts inside a chunk
+    z = g.normal((400_003,), torch.device("cpu"), torch.float32)
+    assert hashlib.sha256(z.numpy().tobytes()).hexdigest() == "ea91b51d1af880099ec181f2949a871ca0c400dc92448fbc6d6552335fabe165"
+    gen = torch.Generator().manual_seed(3)
+    batch, hidden = 300, 128
+    pre = (torch.rand(batch, 4 * hidden, generator=gen) - 0.5) * 8
+    c = torch.rand(batch, hidden, generator=gen) - 0.5
+    h, h_rnn = torch.empty(batch, hidden), torch.empty(batch, 4 * hidden)
+    ars = kernels.STREAMS["ars"]
+    lib.dni_lstm_step(pre.data_ptr(), None, c.data_ptr(), h.data_ptr(), batch, hidden, 99, ars, 2**32 - 11, 0.7)
+    lib.dni_rnn_step(pre.data_ptr(), None, h_rnn.data_ptr(), batch, 4 * hidden, 99, ars, 2**32 - 11, 0.7)
+    digest = hashlib.sha256(c.numpy().tobytes() + h.numpy().tobytes() + h_rnn.numpy().tobytes()).hexdigest()
+    assert digest == "da3b21d8d43d834ad8a32356ce3827ffa8396893a165800ea0ba58e8cb212b0c"
 
 
 @pytest.mark.skipif(not _has_avx512(), reason="pinned bits were recorded on an AVX-512 CPU (FMA contraction)")
