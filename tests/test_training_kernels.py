@@ -10,7 +10,7 @@ import dni.train
 from dni import kernels
 from dni.errors import SpecError
 from dni.models import build_model
-from dni.noise import AdditiveGaussian, ArsGenerator, PhiloxGenerator
+from dni.noise import AdditiveGaussian, ArsGenerator, PhiloxGenerator, make_generator
 from dni.spec import TrainSpec
 
 
@@ -175,44 +175,36 @@ def _has_avx512():
     return " avx512f " in flags and " fma " in flags
 
 
-@pytest.mark.skipif(not _has_avx512(), reason="pinned bits were recorded on an AVX-512 CPU (FMA contraction)")
-def test_noise_and_step_bits_are_pinned(lib):
-    """The stored evaluation results were computed with these bits: any change to the
-    generator or the step kernels that alters them makes the store unreproducible."""
-    g = PhiloxGenerator(12345)
-    g.counter = 2**32 - 7  # the low counter word wraps inside the draw
-    z = g.normal((400_003,), torch.device("cpu"), torch.float32)
-    assert hashlib.sha256(z.numpy().tobytes()).hexdigest() == "2f85f2d14c79ecb572172cf849a730d4d87f3eca1abd4f0d3b0a96668e5b86b8"
-    gen = torch.Generator().manual_seed(3)
-    batch, hidden = 300, 128
-    pre = (torch.rand(batch, 4 * hidden, generator=gen) - 0.5) * 8
-    c = torch.rand(batch, hidden, generator=gen) - 0.5
-    h, h_rnn = torch.empty(batch, hidden), torch.empty(batch, 4 * hidden)
-    lib.dni_lstm_step(pre.data_ptr(), None, c.data_ptr(), h.data_ptr(), batch, hidden, 99, 0, 2**32 - 11, 0.7)
-    lib.dni_rnn_step(pre.data_ptr(), None, h_rnn.data_ptr(), batch, 4 * hidden, 99, 0, 2**32 - 11, 0.7)
-    digest = hashlib.sha256(c.numpy().tobytes() + h.numpy().tobytes() + h_rnn.numpy().tobytes()).hexdigest()
-    assert digest == "458ed75eb2bbc64c48dc33e834852dff1742241fe481bd4229f39924d22e7682"
+PINNED_STREAMS = {  # stream: (digest of 400,003 samples, digest of an LSTM and an RNN step's states)
+    "philox": ("2f85f2d14c79ecb572172cf849a730d4d87f3eca1abd4f0d3b0a96668e5b86b8",
+               "458ed75eb2bbc64c48dc33e834852dff1742241fe481bd4229f39924d22e7682"),
+    "ars": ("ea91b51d1af880099ec181f2949a871ca0c400dc92448fbc6d6552335fabe165",
+            "da3b21d8d43d834ad8a32356ce3827ffa8396893a165800ea0ba58e8cb212b0c"),
+}
 
 
 @pytest.mark.skipif(not _has_avx512(), reason="pinned bits were recorded on an AVX-512 CPU (FMA contraction)")
-def test_ars_noise_and_step_bits_are_pinned(lib):
-    """The ARS stream's bits, as test_noise_and_step_bits_are_pinned pins Philox's."""
-    if not lib.ars:
+@pytest.mark.parametrize("rng", list(PINNED_STREAMS))
+def test_noise_and_step_bits_are_pinned(lib, rng):
+    """The stored evaluation results were computed with Philox's bits: any change to the
+    generator or the step kernels that alters them makes the store unreproducible. The ARS
+    stream's bits are pinned likewise."""
+    if not kernels.draws(lib, rng):
         pytest.skip("this CPU has no AES instructions")
-    g = ArsGenerator(12345)
-    g.counter = 2**32 - 7  # the low counter word wraps inside the draw, which starts inside a chunk
+    g = make_generator(rng, 12345)
+    g.counter = 2**32 - 7  # the low counter word wraps inside the draw (for ARS, which starts inside a chunk)
     z = g.normal((400_003,), torch.device("cpu"), torch.float32)
-    assert hashlib.sha256(z.numpy().tobytes()).hexdigest() == "ea91b51d1af880099ec181f2949a871ca0c400dc92448fbc6d6552335fabe165"
+    assert hashlib.sha256(z.numpy().tobytes()).hexdigest() == PINNED_STREAMS[rng][0]
     gen = torch.Generator().manual_seed(3)
     batch, hidden = 300, 128
     pre = (torch.rand(batch, 4 * hidden, generator=gen) - 0.5) * 8
     c = torch.rand(batch, hidden, generator=gen) - 0.5
     h, h_rnn = torch.empty(batch, hidden), torch.empty(batch, 4 * hidden)
-    ars = kernels.STREAMS["ars"]
-    lib.dni_lstm_step(pre.data_ptr(), None, c.data_ptr(), h.data_ptr(), batch, hidden, 99, ars, 2**32 - 11, 0.7)
-    lib.dni_rnn_step(pre.data_ptr(), None, h_rnn.data_ptr(), batch, 4 * hidden, 99, ars, 2**32 - 11, 0.7)
+    stream = kernels.STREAMS[rng]
+    lib.dni_lstm_step(pre.data_ptr(), None, c.data_ptr(), h.data_ptr(), batch, hidden, 99, stream, 2**32 - 11, 0.7)
+    lib.dni_rnn_step(pre.data_ptr(), None, h_rnn.data_ptr(), batch, 4 * hidden, 99, stream, 2**32 - 11, 0.7)
     digest = hashlib.sha256(c.numpy().tobytes() + h.numpy().tobytes() + h_rnn.numpy().tobytes()).hexdigest()
-    assert digest == "da3b21d8d43d834ad8a32356ce3827ffa8396893a165800ea0ba58e8cb212b0c"
+    assert digest == PINNED_STREAMS[rng][1]
 
 
 @pytest.mark.skipif(not _has_avx512(), reason="pinned bits were recorded on an AVX-512 CPU (FMA contraction)")
