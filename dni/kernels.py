@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -647,6 +648,7 @@ def normal_torch(n: int, key: int, counter: int, device: torch.device | str = "c
 # on (N, 16) byte states, byte i of a block being byte i of the 128-bit little-endian value.
 
 
+@functools.cache
 def _aes_sbox() -> list[int]:
     """The AES S-box: the inverse in GF(2^8) (modulus x^8 + x^4 + x^3 + x + 1), then the
     affine map with constant 0x63."""
@@ -665,7 +667,6 @@ def _aes_sbox() -> list[int]:
     return [b ^ rot(b, 1) ^ rot(b, 2) ^ rot(b, 3) ^ rot(b, 4) ^ 0x63 for b in inverse]
 
 
-_SBOX: list[int] | None = None
 _SHIFT_ROWS = [(r + 4 * ((c + r) % 4)) for c in range(4) for r in range(4)]  # out[r + 4c] = in[r + 4((c + r) % 4)]
 _WEYL = (0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B)  # low, high 64 bits
 
@@ -678,10 +679,7 @@ def _bytes_of(value: int, device) -> torch.Tensor:
 def ars_blocks_torch(key: int, counter: int, nblocks: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """ARS-7 blocks ``counter .. counter + nblocks - 1`` of ``key`` (128-bit counter and key
     (p, 0) and (key, 0)): int64 (nblocks, 4) of 32-bit words, as ``dni_ars4x32_7`` gives."""
-    global _SBOX
-    if _SBOX is None:
-        _SBOX = _aes_sbox()
-    sbox, shift = torch.tensor(_SBOX, dtype=torch.int64, device=device), torch.tensor(_SHIFT_ROWS, device=device)
+    sbox, shift = torch.tensor(_aes_sbox(), dtype=torch.int64, device=device), torch.tensor(_SHIFT_ROWS, device=device)
     cnt = torch.arange(nblocks, dtype=torch.int64, device=device) + counter
     state = torch.zeros(nblocks, 16, dtype=torch.int64, device=device)
     for i in range(8):

@@ -62,24 +62,19 @@ def test_summary_holds_every_goal_ratio(monkeypatch, fast_bf16):
     assert result["threads"] == 1
     assert result["launch_us"] > 0 and any("one small op" in line for line in lines)
     assert any(line.startswith("lstm strokes") for line in lines)
-    for case in cases:  # bf16: measured where it has its fast path, else null
-        r = result[f"infer_{case}"]
-        if fast_bf16:
-            assert result["bf16_vs_naive"][case] == pytest.approx(r["dni_bf16"] / r["naive"])
-            assert result["bf16_vs_fused"][case] == pytest.approx(r["dni_bf16"] / r["fused"])
-        else:
-            assert r["dni_bf16"] is None and result["bf16_vs_naive"][case] is None
+    fast_ars = bench.has_fast_ars()  # bf16 and the ARS stream: measured where they have their fast paths, else null
+    for name, fast in (("bf16", fast_bf16), ("ars", fast_ars)):
+        for case in cases:
+            r = result[f"infer_{case}"]
+            if fast:
+                assert result[f"{name}_vs_naive"][case] == pytest.approx(r[f"dni_{name}"] / r["naive"])
+                assert result[f"{name}_vs_fused"][case] == pytest.approx(r[f"dni_{name}"] / r["fused"])
+            else:
+                assert r[f"dni_{name}"] is None and result[f"{name}_vs_naive"][case] is None
+                assert result[f"{name}_vs_fused"][case] is None
     assert (result["gemm_peak_bf16_gflops"] is not None) == fast_bf16
     inference_row = next(line for line in lines if line.startswith("lstm rows"))
     assert ("n/a" in inference_row) != fast_bf16
-    fast_ars = bench.has_fast_ars()  # the ARS stream: measured where the library draws it, else null
-    for case in cases:
-        r = result[f"infer_{case}"]
-        if fast_ars:
-            assert result["ars_vs_naive"][case] == pytest.approx(r["dni_ars"] / r["naive"])
-            assert result["ars_vs_fused"][case] == pytest.approx(r["dni_ars"] / r["fused"])
-        else:
-            assert r["dni_ars"] is None and result["ars_vs_fused"][case] is None
     assert ("ars" in result["normals_per_s"]) == fast_ars
     assert any("--rng ars" in line for line in lines) == fast_ars
 

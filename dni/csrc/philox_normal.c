@@ -216,12 +216,25 @@ static inline void philox_normal_blocks(float *restrict z, int m, uint64_t key, 
 #include <wmmintrin.h>
 #define DNI_HAS_ARS 1
 
+/* The round keys of ARS: key, then key + W, key + 2 W, ... (W the Weyl constants, added
+ * to each 64-bit half). */
+static inline void ars_round_keys(__m128i key, __m128i k[ARS_ROUNDS + 1]) {
+    const __m128i weyl = _mm_set_epi64x((long long)ARS_WEYL_HI, (long long)ARS_WEYL_LO);
+    k[0] = key;
+    for (int r = 1; r <= ARS_ROUNDS; r++) k[r] = _mm_add_epi64(k[r - 1], weyl);
+}
+
+/* One ARS block, ars1xm128i_R(ARS_ROUNDS, ctr, key), from the key's round keys k. */
+static inline __m128i ars_block(__m128i ctr, const __m128i k[ARS_ROUNDS + 1]) {
+    __m128i v = _mm_xor_si128(ctr, k[0]);
+    for (int r = 1; r < ARS_ROUNDS; r++) v = _mm_aesenc_si128(v, k[r]);
+    return _mm_aesenclast_si128(v, k[ARS_ROUNDS]);
+}
+
 /* The words of chunks q0 .. q0 + n - 1 (32 each) into w. */
 static inline void ars_chunk_words(uint32_t *restrict w, int n, uint64_t key, uint64_t q0) {
     __m128i k[ARS_ROUNDS + 1];
-    const __m128i weyl = _mm_set_epi64x((long long)ARS_WEYL_HI, (long long)ARS_WEYL_LO);
-    k[0] = _mm_set_epi64x(0, (long long)key);
-    for (int r = 1; r <= ARS_ROUNDS; r++) k[r] = _mm_add_epi64(k[r - 1], weyl);
+    ars_round_keys(_mm_set_epi64x(0, (long long)key), k);
 #if defined(__VAES__) && defined(__AVX512F__)
     __m512i kz[ARS_ROUNDS + 1];
     for (int r = 0; r <= ARS_ROUNDS; r++) kz[r] = _mm512_broadcast_i32x4(k[r]);
@@ -239,11 +252,8 @@ static inline void ars_chunk_words(uint32_t *restrict w, int n, uint64_t key, ui
         _mm512_storeu_si512(w + 32 * c + 16, _mm512_aesenclast_epi128(b, kz[ARS_ROUNDS]));
     }
 #else
-    for (int64_t i = 0; i < 8 * (int64_t)n; i++) {
-        __m128i v = _mm_xor_si128(_mm_set_epi64x(0, (long long)(8 * q0 + (uint64_t)i)), k[0]);
-        for (int r = 1; r < ARS_ROUNDS; r++) v = _mm_aesenc_si128(v, k[r]);
-        _mm_storeu_si128((__m128i *)(w + 4 * i), _mm_aesenclast_si128(v, k[ARS_ROUNDS]));
-    }
+    for (int64_t i = 0; i < 8 * (int64_t)n; i++)
+        _mm_storeu_si128((__m128i *)(w + 4 * i), ars_block(_mm_set_epi64x(0, (long long)(8 * q0 + (uint64_t)i)), k));
 #endif
 }
 
@@ -274,15 +284,9 @@ static inline void ars_normal_blocks(float *restrict z, int m, uint64_t key, uin
 /* Raw ARS-7 block ars1xm128i_R(7, ctr, key) for known-answer tests: ctr, key, out as four
  * 32-bit words, least significant first. */
 void dni_ars4x32_7(const uint32_t ctr_in[4], const uint32_t key_in[4], uint32_t out[4]) {
-    const __m128i weyl = _mm_set_epi64x((long long)ARS_WEYL_HI, (long long)ARS_WEYL_LO);
-    __m128i k = _mm_loadu_si128((const __m128i *)key_in);
-    __m128i v = _mm_xor_si128(_mm_loadu_si128((const __m128i *)ctr_in), k);
-    for (int r = 1; r < ARS_ROUNDS; r++) {
-        k = _mm_add_epi64(k, weyl);
-        v = _mm_aesenc_si128(v, k);
-    }
-    k = _mm_add_epi64(k, weyl);
-    _mm_storeu_si128((__m128i *)out, _mm_aesenclast_si128(v, k));
+    __m128i k[ARS_ROUNDS + 1];
+    ars_round_keys(_mm_loadu_si128((const __m128i *)key_in), k);
+    _mm_storeu_si128((__m128i *)out, ars_block(_mm_loadu_si128((const __m128i *)ctr_in), k));
 }
 #else
 #define DNI_HAS_ARS 0
