@@ -264,6 +264,50 @@ def test_first_step_product_is_skipped_only_for_a_zero_state(lib, arch, nonzero_
     assert torch.equal(results[0], results[1])
 
 
+@pytest.mark.parametrize("batch, threads", [(1000, 2), (300, 1), (259, 1), (40, 2)])
+def test_packed_products_give_the_bits_of_sgemm(lib, batch, threads, monkeypatch):
+    """The LSTM's compiled loop multiplies by W_h packed once per sub-block (MKL's packed
+    GEMM) where that gives sgemm's bits on every sub-block's shape; the result must be the
+    same bits as with sgemm on every step. Batch 259 in one block leaves a 3-row sub-block,
+    whose shape MKL computes differently packed: that pass must fall back to sgemm."""
+    if not lib.blas:
+        pytest.skip("torch's library has no usable sgemm")
+    torch.manual_seed(4)
+    model = build_model("lstm", 28).eval()
+    with torch.no_grad():
+        xp = model.project(torch.rand(batch, 28, 28))
+        w_h = model.weight[:, 28:]
+        results = []
+        for packed in (False, True):
+            monkeypatch.setattr(lib, "packed", packed)
+            h, c = torch.zeros(batch, 128), torch.zeros(batch, 128)
+            kernels.fused_recurrence(lib, "lstm", xp, w_h, h, c, 11, [k * batch * 128 for k in range(28)], 0.7,
+                                     threads=threads)
+            results.append(torch.cat([h, c]))
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("batch, parts", [(1000, 2), (1000, 1), (259, 1), (300, 3), (40, 2), (513, 2)])
+def test_sub_block_rows_are_the_sizes_the_loops_multiply(batch, parts):
+    """The shapes the packed GEMM is checked on must be those the C loops cut the batch into:
+    ``parts`` blocks starting at batch * k // parts, each in pieces of CACHE_ROWS rows."""
+    sizes = set()
+    for k in range(parts):
+        r0, r1 = batch * k // parts, batch * (k + 1) // parts
+        for b0 in range(r0, r1, kernels.CACHE_ROWS):
+            sizes.add(min(kernels.CACHE_ROWS, r1 - b0))
+    assert kernels._sub_block_rows(batch, parts, kernels.CACHE_ROWS) == sizes
+
+
+def test_packed_gemm_is_used_on_the_shapes_of_a_pass(lib):
+    """With MKL (torch's x86 wheels) the packed GEMM agrees with sgemm on the sub-blocks of
+    the passes that evaluation runs (batch 1000 on 1 or 2 threads), so they do use it."""
+    if not lib.packed:
+        pytest.skip("torch's library has no packed GEMM")
+    for parts in (1, 2):
+        assert kernels.packed_agrees(lib, kernels._sub_block_rows(1000, parts, kernels.CACHE_ROWS), 512, 128)
+
+
 @pytest.mark.parametrize("sigma", [0.0, 0.6])
 def test_stroke_projections_computed_in_the_loop_give_the_same_bits(lib, loop_mode, two_threads, sigma, fixture_data):
     """An LSTM with two inputs computes W_x·x_t + b in the loop instead of reading it: the
