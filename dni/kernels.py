@@ -202,6 +202,8 @@ def _attach_packed(lib: ctypes.CDLL) -> bool:
 
 @functools.cache
 def _packed_agrees(m: int, n: int, k: int) -> bool:
+    """Whether MKL's packed product (m, k) x (k, n) gives sgemm's bits: a property of
+    torch's MKL, the same for every build of the kernels, so cached per shape."""
     lib = library()
     gen = torch.Generator().manual_seed(m * 1_000_003 + n * 1_009 + k)
     a, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
@@ -408,8 +410,8 @@ def fused_recurrence(lib: ctypes.CDLL, arch: str, xp: torch.Tensor | None, w_h: 
             if w_h16.dtype != torch.bfloat16 or w_h16.shape != w_h.shape:
                 raise ValueError(f"w_h16 must be w_h {tuple(w_h.shape)} in bfloat16, got {w_h16.dtype} {tuple(w_h16.shape)}")
             w16_ptr = w_h16.data_ptr()
-        # MKL's packed GEMM for the LSTM's (rows, H) x (H, 4H) products: ~5% faster passes
-        # (rows shape) and ~3% (strokes) here; the RNN's (rows, H) x (H, H) products were ~4%
+        # MKL's packed GEMM for the LSTM's (rows, H) x (H, 4H) products: the products 4-7%
+        # faster here, whole passes ~2%; the RNN's (rows, H) x (H, H) products were ~4%
         # slower packed, so the RNN keeps sgemm.
         packed = arch == "lstm" and w_h16 is None and packed_agrees(
             lib, _sub_block_rows(batch, _row_parts(batch, threads), CACHE_ROWS), w_h.shape[0], hidden)
