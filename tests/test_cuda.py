@@ -46,6 +46,28 @@ def test_the_gpu_draws_the_philox_stream_with_its_triton_kernel():
     assert float((gpu == cpu).float().mean()) > 0.999
 
 
+def test_ars_stream_is_the_same_on_the_gpu():
+    """The ARS stream on a GPU comes from the torch-op AES (no Triton kernel): its words equal
+    the CPU's bit for bit, its normals to float rounding, and a noisy pass drawn from it on
+    the GPU matches the CPU's."""
+    words_cpu = kernels.ars_blocks_torch(1234, 77, 4096)
+    words_gpu = kernels.ars_blocks_torch(1234, 77, 4096, CUDA).cpu()
+    assert torch.equal(words_gpu, words_cpu)
+    cpu = kernels.normal_torch(100_003, key=1234, counter=77, device="cpu", stream="ars")
+    gpu = kernels.normal_torch(100_003, key=1234, counter=77, device=CUDA, stream="ars").cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=1e-6)
+    assert abs(float(gpu.std()) - 1.0) < 0.01
+    torch.manual_seed(0)
+    model = build_model("lstm", 28).eval()
+    gpu_model = build_model("lstm", 28).to(CUDA).eval()
+    gpu_model.load_state_dict(model.state_dict())
+    x = torch.rand(64, 28, 28)
+    with torch.no_grad():
+        noisy_cpu = model(x, make_noise("additive", 0.5), make_generator("ars", 5, "cpu"))
+        noisy_gpu = gpu_model(x.to(CUDA), make_noise("additive", 0.5), make_generator("ars", 5, CUDA))
+    torch.testing.assert_close(noisy_gpu.cpu(), noisy_cpu, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("arch", ["lstm", "rnn", "gru"])
 def test_noise_free_and_noisy_forward_match_the_cpu(arch):
     torch.manual_seed(0)
