@@ -78,7 +78,7 @@ static inline float ln_f(float x) {
  * log2(e) that follows and vectorises it as four compares and six blends per exp; with a
  * run-time value it emits one vmaxps and one vminps, and the gate loops run ~16% faster.
  * Checked over all 2^32 inputs of the vectorised sigmoid_f and tanh_f: the same bits for
- * every input but NaN, which still gives NaN (with the sign bit set, where it was clear). */
+ * every input but NaN, which still gives NaN (its sign bit may differ). */
 static volatile float exp_clamp = 87.0f;
 static inline float exp_bound(void) { return exp_clamp; }
 
