@@ -201,10 +201,9 @@ def _attach_packed(lib: ctypes.CDLL) -> bool:
 
 
 @functools.cache
-def _packed_agrees(m: int, n: int, k: int) -> bool:
-    """Whether MKL's packed product (m, k) x (k, n) gives sgemm's bits: a property of
-    torch's MKL, the same for every build of the kernels, so cached per shape."""
-    lib = library()
+def _packed_agrees(lib: ctypes.CDLL, m: int, n: int, k: int) -> bool:
+    """Whether ``lib``'s packed product (m, k) x (k, n) gives its sgemm's bits (cached per
+    library and shape)."""
     gen = torch.Generator().manual_seed(m * 1_000_003 + n * 1_009 + k)
     a, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
     out, ref = torch.empty(m, n), torch.empty(m, n)
@@ -219,15 +218,16 @@ def packed_agrees(lib: ctypes.CDLL, rows: Iterable[int], n: int, k: int) -> bool
     """Whether the packed GEMM gives sgemm's bits for products (m, k) x (k, n) with every m
     in ``rows`` (checked once per shape, on random operands: the BLAS picks its kernels by
     shape, not by value)."""
-    return bool(lib.packed) and all(_packed_agrees(m, n, k) for m in set(rows))
+    return bool(lib.packed) and all(_packed_agrees(lib, m, n, k) for m in set(rows))
 
 
 def _sub_block_rows(batch: int, parts: int, cache_rows: int) -> set[int]:
-    """The row counts of the sub-blocks that the compiled loops cut a batch into: ``parts``
-    near-equal blocks (as the C ``block_start``), each in pieces of ``cache_rows``."""
+    """The row counts of the sub-blocks that the compiled loops cut a batch into: the
+    ``parts`` blocks of :func:`_row_bounds`, each in pieces of ``cache_rows``."""
     rows = set()
-    for k in range(parts):
-        size = batch * (k + 1) // parts - batch * k // parts
+    bounds = _row_bounds(batch, parts)
+    for r0, r1 in zip(bounds, bounds[1:]):
+        size = r1 - r0
         if size >= cache_rows:
             rows.add(cache_rows)
         if size % cache_rows:
@@ -445,6 +445,12 @@ def _row_parts(batch: int, threads: int | None) -> int:
     return max(1, min(threads, batch // MIN_ROWS_PER_THREAD))
 
 
+def _row_bounds(batch: int, parts: int) -> list[int]:
+    """The first rows of ``parts`` near-equal contiguous blocks of the batch, and the batch
+    size last (as the C ``block_start``)."""
+    return [batch * k // parts for k in range(parts + 1)]
+
+
 def _c_row_blocks(lib: ctypes.CDLL, call: Callable[[int, int, int], int | None], batch: int, threads: int | None) -> None:
     """Run a compiled loop over the row blocks 0..parts-1 of the batch, ``call(k0, k1, parts)``
     running blocks k0..k1-1: in one call on OpenMP's thread team (torch's), or without
@@ -467,7 +473,7 @@ def _in_row_blocks(run: Callable[[int, int], None], batch: int, threads: int | N
     if parts == 1:
         run(0, batch)
         return
-    bounds = [batch * k // parts for k in range(parts + 1)]
+    bounds = _row_bounds(batch, parts)
     with torch_single_threaded():
         _on_threads(parts, lambda k: run(bounds[k], bounds[k + 1]))
 
