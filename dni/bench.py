@@ -47,7 +47,7 @@ from dni.models import build_model
 from dni.noise import AdditiveGaussian, ArsGenerator, PhiloxGenerator
 from dni.precision import products_in
 from dni.stacking import StackedRecurrent, batched
-from dni.train import train_step
+from dni.train import cpu_name, train_step
 
 SHAPES = {"rows": (28, 28), "strokes": (50, 2)}
 H = 128
@@ -270,14 +270,14 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
         torch.set_num_threads(threads)
     keep_freed_memory()  # as dni train does; it helps fused torch as much (one process)
     result: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": kernels.available(),
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "cpu": cpu_name()}
     n = 2048 if quick else 4096
     peak = gemm_peak(n, device=device)
     result["gemm_peak_gflops"] = peak
     fast_bf16 = has_fast_bf16(device)
     result["gemm_peak_bf16_gflops"] = gemm_peak(n, torch.bfloat16, device) if fast_bf16 else None
     bf16_peak = f"{result['gemm_peak_bf16_gflops']:.0f} GFLOP/s" if fast_bf16 else "n/a (no bf16 GEMM in the BLAS)"
-    log(f"on {result['device']}: fp32 GEMM peak (F.linear): {peak:.0f} GFLOP/s with {torch.get_num_threads()} thread(s); "
+    log(f"on {result['device']} ({result['cpu']}): fp32 GEMM peak (F.linear): {peak:.0f} GFLOP/s with {torch.get_num_threads()} thread(s); "
         f"compiled kernels: {kernels.available()}; bf16 GEMM peak: {bf16_peak}")
     result["launch_us"] = launch_overhead(device) * 1e6
     log(f"one small op, issued back to back: {result['launch_us']:.1f} µs")

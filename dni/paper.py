@@ -232,7 +232,7 @@ def reproduce(
     another is still running); figures whose tables are missing are then skipped.
     """
     reporter = reporter or SilentReporter()
-    from dni.train import git_commit
+    from dni.train import cpu_name, git_commit
 
     results.mkdir(parents=True, exist_ok=True)
     info = {"preset": preset.name, "train_rng": preset.train_rng, "cases": [f"{a}-{d}" for a, d in cases],
@@ -246,6 +246,7 @@ def reproduce(
         "torch_version": torch.__version__,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "executor": info["executor"],
         "this_run_seconds": sitting.seconds,
         "stages_seconds": sitting.record["stages_seconds"],

@@ -182,7 +182,15 @@ class StackedRecurrent(nn.Module):
             h = _Recurrence.apply(xp, w_h, lstm, noise)
         else:
             h = self._loop(xp, w_h, lstm, noise, together)
-        logits = torch.baddbmm(self.fc_bias.unsqueeze(1), h, self.fc_weight.transpose(1, 2))
+        if together:
+            logits = torch.baddbmm(self.fc_bias.unsqueeze(1), h, self.fc_weight.transpose(1, 2))
+        else:
+            # Each member's output layer as nn.Linear computes it. Autograd then takes the
+            # gradient of a whole (contiguous) weight as grad^T @ h, and that of a batched
+            # product as h^T @ grad, then transposed: the same sums, but BLAS kernels may
+            # order them differently (MKL does on AMD Zen 4, not on the Intel CPUs here).
+            logits = torch.stack([F.linear(hk, w, b) for hk, w, b in zip(h.unbind(0), self.fc_weight.unbind(0),
+                                                                            self.fc_bias.unbind(0))])
         return noise(logits) if noise is not None else logits
 
     def _loop(self, xp: torch.Tensor, w_h: torch.Tensor, lstm: bool, noise, together: bool) -> torch.Tensor:

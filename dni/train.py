@@ -88,11 +88,33 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
+        "cpu": cpu_name(),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         # Results are bit-identical only for the same thread count (BLAS reduction order).
         "torch_threads": torch.get_num_threads(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU: vendor, model name and (x86) family/model numbers from /proc/cpuinfo, as in
+    'AuthenticAMD AMD EPYC (family 25, model 17)'; else what :mod:`platform` knows. Bits
+    can depend on it: the BLAS picks its kernels, and with them the order of its sums, by
+    CPU (see the README's determinism notes)."""
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo) as fh:
+            for line in fh:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = " ".join(v for v in (fields.get("vendor_id"), fields.get("model name")) if v)
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name or platform.processor() or platform.machine()
 
 
 def git_commit() -> str | None:

@@ -12,6 +12,7 @@ import torch
 from dni import bench
 from dni.models import build_model
 from dni.noise import AdditiveGaussian, PhiloxGenerator
+from dni.train import cpu_name
 
 
 @pytest.mark.parametrize("arch,inputs", [("lstm", 28), ("lstm", 2), ("rnn", 28)])
@@ -59,7 +60,7 @@ def test_summary_holds_every_goal_ratio(monkeypatch, fast_bf16):
         assert result["train_vs_fused"][case] == pytest.approx(t["dni"] / t["fused"])
         assert 0 < r["dni"] and 0 < t["dni_autograd"]
         assert t["stacked_vs_autograd"] == pytest.approx(t["stacked"] / t["dni_autograd"]) and t["stacked"] > 0
-    assert result["threads"] == 1
+    assert result["threads"] == 1 and result["cpu"] == cpu_name() and f"({cpu_name()})" in lines[0]
     assert result["launch_us"] > 0 and any("one small op" in line for line in lines)
     assert any(line.startswith("lstm strokes") for line in lines)
     fast_ars = bench.has_fast_ars()  # bf16 and the ARS stream: measured where they have their fast paths, else null

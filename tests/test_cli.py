@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from dni.cli import app
 from dni.store import Store
+from dni.train import cpu_name
 
 runner = CliRunner()
 TINY = ["--limit-train", "120", "--val-size", "20", "--epochs", "1", "--batch-size", "32", "--device", "cpu"]
@@ -36,13 +37,24 @@ def test_describe_prints_the_paper_tables(arch, data, count):
     assert res.exit_code == 0 and str(count) in res.output
 
 
+def test_results_record_the_cpu_they_were_computed_on(tmp_path):
+    """Bits can depend on the CPU (the BLAS picks its kernels by it): meta.json, the
+    reproduction's provenance and dni bench name it (the first processor of /proc/cpuinfo)."""
+    amd = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\n"
+    (tmp_path / "amd").write_text(amd + amd.replace(": 0", ": 1").replace("EPYC", "other"))
+    assert cpu_name(tmp_path / "amd") == "AuthenticAMD AMD EPYC (family 25, model 17)"
+    (tmp_path / "arm").write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n")
+    assert cpu_name(tmp_path / "arm") == cpu_name(tmp_path / "missing") != ""
+
+
 def test_train_evaluate_list_export(trained, tmp_path):
     store = trained
     (mid,) = Store(store).model_ids()
     assert mid.startswith("lstm-rows-st0.5-s0-")
     meta = Store(store).read_meta(mid)
-    for key in ("dni_version", "torch_version", "history", "wall_time_s", "test_accuracy_clean", "git_commit"):
+    for key in ("dni_version", "torch_version", "history", "wall_time_s", "test_accuracy_clean", "git_commit", "cpu"):
         assert key in meta
+    assert meta["cpu"] == cpu_name() and meta["cpu"]
     again = run("train", "--arch", "lstm", "--data", "rows", "--sigma-train", "0.5", "--store", store, *TINY)
     assert again.exit_code == 0 and "already trained" in again.output
 

@@ -8,6 +8,7 @@ from dni.figdata import accuracy_curves, comparison_rows, reference_accuracy, st
 from dni.paper import FIGURES, Preset, comparison_markdown, draw_figure, reproduce
 from dni.spec import EvalSpec
 from dni.store import Store
+from dni.train import cpu_name
 
 
 def _summary():
@@ -101,6 +102,7 @@ def test_reproduce_some_cases_skips_the_figures_of_the_others(tmp_path, fixture_
     assert sorted(p.stem for p in figures.glob("*.png")) == ["fig10", "fig2", "fig3", "fig4", "fig5", "fig6"]
     # the wall time of a reproduction run in sittings is their sum, each recorded
     prov = out["provenance"]
+    assert prov["cpu"] == cpu_name()
     assert prov["sittings"] == 2 and [s["finished"] for s in prov["sittings_detail"]] == [True, True]
     assert list(prov["sittings_detail"][0]["stages_seconds"]) == ["sweep rnn rows", "figures"]
     assert prov["all_sittings_seconds"] == pytest.approx(sum(s["seconds"] for s in prov["sittings_detail"]))
