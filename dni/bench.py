@@ -2,7 +2,8 @@
 
 Measured side by side in one process (same threads, same shapes):
 
-* the fp32 GEMM peak (``F.linear`` on 4096x4096 matrices, oneDNN);
+* the fp32 GEMM peak (``F.linear`` on 4096x4096 matrices, oneDNN), and the rates of the
+  products dni's compiled loop makes through its BLAS (fp32 and bf16, one core);
 * fused, noise-free ``torch.nn.LSTM`` / ``nn.RNN`` inference (batch 1000) and training
   (batch 128, forward + backward + Adam);
 * the straightforward noisy baseline: one pass per (sigma_val, repeat), an eager per-step
@@ -117,6 +118,28 @@ def normals(device: torch.device | str = "cpu", n: int = 1 << 22) -> dict[str, f
         fns["ars"] = lambda: ars.add_normal_(out, 1.0, overwrite=True)
     t = _time_all({name: _synced(fn, device) for name, fn in fns.items()}, 0.5)
     return {name: n / seconds for name, seconds in t.items()}
+
+
+def loop_products(rows: int = kernels.CACHE_ROWS) -> dict[str, float | None]:
+    """GFLOP/s of the products dni's compiled CPU loop makes, on one core: ``rows`` states
+    (one sub-block of a thread's rows) times W_h^T, (H, 4H), through the BLAS the loop
+    calls, in fp32 (sgemm) and, where the BLAS has one, bf16 (its bf16 GEMM, the operands
+    rounded as the loop rounds them). The GEMM peaks above go through ``F.linear``, whose
+    kernels (oneDNN's) the loop cannot call; on some CPUs they are much faster in bf16.
+    None where the compiled kernels or the BLAS's GEMM are missing."""
+    lib = kernels.library()
+    if lib is None or not lib.blas:
+        return {"fp32": None, "bf16": None}
+    gen = torch.Generator().manual_seed(0)
+    a, w = torch.randn(rows, H, generator=gen), torch.randn(4 * H, H, generator=gen)
+    w16, out = w.to(torch.bfloat16), torch.empty(rows, 4 * H)
+    fns = {"fp32": lambda: lib.dni_blas_mm(1, a.data_ptr(), w.data_ptr(), out.data_ptr(), rows, 4 * H, H)}
+    if has_fast_bf16():
+        fns["bf16"] = lambda: lib.dni_blas_mm_bf16(a.data_ptr(), w16.data_ptr(), out.data_ptr(), rows, 4 * H, H)
+    with kernels.torch_single_threaded():
+        t = _time_all(fns, 0.5)
+    flops = 2 * rows * 4 * H * H
+    return {"fp32": flops / t["fp32"] / 1e9, "bf16": flops / t["bf16"] / 1e9 if "bf16" in t else None}
 
 
 def launch_overhead(device: torch.device | str = "cpu", ops: int = 1000) -> float:
@@ -279,6 +302,12 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
     bf16_peak = f"{result['gemm_peak_bf16_gflops']:.0f} GFLOP/s" if fast_bf16 else "n/a (no bf16 GEMM in the BLAS)"
     log(f"on {result['device']} ({result['cpu']}): fp32 GEMM peak (F.linear): {peak:.0f} GFLOP/s with {torch.get_num_threads()} thread(s); "
         f"compiled kernels: {kernels.available()}; bf16 GEMM peak: {bf16_peak}")
+    if device.type == "cpu":
+        loop = result["loop_gemm_gflops"] = loop_products()
+        if loop["fp32"] is not None:
+            bf16_loop = f"{loop['bf16']:.0f} GFLOP/s" if loop["bf16"] else "n/a"
+            log(f"the compiled loop's products ({kernels.CACHE_ROWS}x{H} times {H}x{4 * H}, one core, its BLAS): "
+                f"fp32 {loop['fp32']:.0f} GFLOP/s, bf16 {bf16_loop}")
     result["launch_us"] = launch_overhead(device) * 1e6
     log(f"one small op, issued back to back: {result['launch_us']:.1f} µs")
     rates = normals(device)
