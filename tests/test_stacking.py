@@ -37,8 +37,9 @@ def same_training(a, b) -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("arch,data", [("lstm", "rows"), ("lstm", "strokes"), ("rnn", "rows")])
 def test_a_stack_trains_each_member_bit_for_bit_as_it_trains_alone(fixture_data, arch, data, threads):
-    """Same products (each member's input projection its own GEMM), the same noise samples
-    scaled per member, the same losses, per-member clipping and element-wise Adam."""
+    """Same products (each member's input projection and output layer its own GEMM), the
+    same noise samples scaled per member, the same losses, per-member clipping and
+    element-wise Adam."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

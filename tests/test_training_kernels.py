@@ -207,14 +207,6 @@ def test_noise_and_step_bits_are_pinned(lib, rng):
     assert digest == PINNED_STREAMS[rng][1]
 
 
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("vendor_id")), "unknown")
-    except OSError:
-        return "unknown"
-
-
 # Logits and gradients also take the BLAS's products (MKL's sgemm), and MKL picks its
 # kernels, and with them the order of its sums, by CPU vendor: its AVX-512 path on Intel
 # CPUs, another on AMD's. So their pinned bits are per vendor: recorded on Intel AVX-512
@@ -233,7 +225,7 @@ PINNED_TRAINING = {
 
 
 def _pinned(table: dict[str, list[str]]) -> list[str]:
-    vendor = _cpu_vendor()
+    vendor = dni.train.cpu_name().split(" ", 1)[0]  # e.g. GenuineIntel, AuthenticAMD
     if vendor not in table:
         pytest.skip(f"no pinned bits recorded for the BLAS's products on {vendor} CPUs")
     return table[vendor]
