@@ -236,7 +236,7 @@ def reproduce(
 
     results.mkdir(parents=True, exist_ok=True)
     info = {"preset": preset.name, "train_rng": preset.train_rng, "cases": [f"{a}-{d}" for a, d in cases],
-            "dni_version": dni.__version__, "git_commit": git_commit(), "executor": executor.describe()}
+            "dni_version": dni.__version__, "git_commit": git_commit(), "cpu": cpu_name(), "executor": executor.describe()}
     with Sitting(results, info) as sitting:
         figures = _reproduce_stages(preset, store, results, figures_dir, executor, data_dir, device, reporter, cases, sitting)
     provenance = {
@@ -246,7 +246,7 @@ def reproduce(
         "torch_version": torch.__version__,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpu": cpu_name(),
+        "cpu": info["cpu"],
         "executor": info["executor"],
         "this_run_seconds": sitting.seconds,
         "stages_seconds": sitting.record["stages_seconds"],

@@ -95,11 +95,18 @@ def _start(record: dict) -> float:
 
 
 def summary(records: list[dict]) -> dict:
-    """Total wall time over the sittings, and a line per sitting, for provenance."""
+    """Total wall time over the sittings, and a line per sitting, for provenance.
+
+    ``sittings_cpus``: the kinds of CPU the sittings ran on (records from before they were
+    kept count as None). A total over sittings on more than one kind of machine is no one
+    machine's wall time.
+    """
     return {
         "sittings": len(records),
         "all_sittings_seconds": sum(float(r.get("seconds", 0.0)) for r in records),
+        "sittings_cpus": list(dict.fromkeys(r.get("cpu") for r in records)),
         "sittings_detail": [
-            {k: r.get(k) for k in ("started", "seconds", "finished", "git_commit", "executor", "stages_seconds")} for r in records
+            {k: r.get(k) for k in ("started", "seconds", "finished", "git_commit", "cpu", "executor", "stages_seconds")}
+            for r in records
         ],
     }

@@ -102,7 +102,7 @@ def test_reproduce_some_cases_skips_the_figures_of_the_others(tmp_path, fixture_
     assert sorted(p.stem for p in figures.glob("*.png")) == ["fig10", "fig2", "fig3", "fig4", "fig5", "fig6"]
     # the wall time of a reproduction run in sittings is their sum, each recorded
     prov = out["provenance"]
-    assert prov["cpu"] == cpu_name()
+    assert prov["cpu"] == cpu_name() and prov["sittings_cpus"] == [cpu_name()]
     assert prov["sittings"] == 2 and [s["finished"] for s in prov["sittings_detail"]] == [True, True]
     assert list(prov["sittings_detail"][0]["stages_seconds"]) == ["sweep rnn rows", "figures"]
     assert prov["all_sittings_seconds"] == pytest.approx(sum(s["seconds"] for s in prov["sittings_detail"]))

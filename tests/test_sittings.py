@@ -54,15 +54,19 @@ def test_a_sitting_killed_by_sigkill_keeps_its_time_to_within_a_heartbeat(tmp_pa
 
 
 def test_sittings_of_other_runs_are_not_counted(tmp_path):
-    for preset, seconds in (("paper", 100.0), ("smoke", 7.0), ("paper", 20.0)):
+    for preset, seconds, cpu in (("paper", 100.0, "A"), ("smoke", 7.0, "B"), ("paper", 20.0, "A"), ("paper", 5.0, None)):
         folder = tmp_path / "sittings"
         folder.mkdir(exist_ok=True)
         n = len(list(folder.iterdir()))
-        (folder / f"{n}.json").write_text(json.dumps({"preset": preset, "started_unix": 1e9 + n, "seconds": seconds}))
+        record = {"preset": preset, "started_unix": 1e9 + n, "seconds": seconds, **({"cpu": cpu} if cpu else {})}
+        (folder / f"{n}.json").write_text(json.dumps(record))
     (tmp_path / "sittings" / "broken.json").write_text("{not json")
     paper = summary(read_sittings(tmp_path, preset="paper"))
-    assert paper["sittings"] == 2 and paper["all_sittings_seconds"] == 120.0
-    assert [s["seconds"] for s in paper["sittings_detail"]] == [100.0, 20.0]
+    assert paper["sittings"] == 3 and paper["all_sittings_seconds"] == 125.0
+    assert [s["seconds"] for s in paper["sittings_detail"]] == [100.0, 20.0, 5.0]
+    # the machines they ran on, in order of first appearance; None: a record that kept none
+    assert paper["sittings_cpus"] == ["A", None]
+    assert [s["cpu"] for s in paper["sittings_detail"]] == ["A", "A", None]
 
 
 def test_sittings_started_in_the_same_second_are_all_kept(tmp_path):
