@@ -1,5 +1,5 @@
 """Allow ``python -m dni``."""
 
-from dni.cli import main
+from dni.entry import main
 
 main()

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from dni.errors import DataError, SpecError
+from dni.paths import cache_dir
 
 DATASETS = ("rows", "strokes")
 STROKE_REPRS = ("absolute", "offsets")
@@ -106,14 +107,6 @@ _DECODE_VERSION = 1
 
 
 # --------------------------------------------------------------------------- locations
-
-
-def cache_dir() -> Path:
-    """Per-user cache directory of dni."""
-    if env := os.environ.get("DNI_CACHE_DIR"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dni"
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:

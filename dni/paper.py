@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 import dni
+from dni import mkl_path
 from dni.data import stroke_lengths
 from dni.figdata import CASES, PAPER, STATE_PAIRS, comparison_rows, paths, stroke_length_table, weight_tables
 from dni.progress import SilentReporter
@@ -236,7 +237,8 @@ def reproduce(
 
     results.mkdir(parents=True, exist_ok=True)
     info = {"preset": preset.name, "train_rng": preset.train_rng, "cases": [f"{a}-{d}" for a, d in cases],
-            "dni_version": dni.__version__, "git_commit": git_commit(), "cpu": cpu_name(), "executor": executor.describe()}
+            "dni_version": dni.__version__, "git_commit": git_commit(), "cpu": cpu_name(),
+            "mkl_path": mkl_path.describe(), "executor": executor.describe()}
     with Sitting(results, info) as sitting:
         figures = _reproduce_stages(preset, store, results, figures_dir, executor, data_dir, device, reporter, cases, sitting)
     provenance = {
@@ -247,6 +249,7 @@ def reproduce(
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu": info["cpu"],
+        "mkl_path": info["mkl_path"],
         "executor": info["executor"],
         "this_run_seconds": sitting.seconds,
         "stages_seconds": sitting.record["stages_seconds"],

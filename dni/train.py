@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import dni
 from dni.data import Dataset, load_dataset
 from dni.errors import DivergenceError, SpecError
+from dni import mkl_path
 from dni.memory import keep_freed_memory
 from dni.models import NoisyRecurrent, build_model
 from dni.noise import Generator, NoiseModel, make_noise
@@ -89,6 +90,8 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_name(),
+        # MKL's kernels, and with them the products' bits, follow its code path (dni.mkl_path).
+        "mkl_path": mkl_path.describe(),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         # Results are bit-identical only for the same thread count (BLAS reduction order).
         "torch_threads": torch.get_num_threads(),

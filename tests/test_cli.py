@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from dni import mkl_path
 from dni.cli import app
 from dni.store import Store
 from dni.train import cpu_name
@@ -54,7 +55,7 @@ def test_train_evaluate_list_export(trained, tmp_path):
     meta = Store(store).read_meta(mid)
     for key in ("dni_version", "torch_version", "history", "wall_time_s", "test_accuracy_clean", "git_commit", "cpu"):
         assert key in meta
-    assert meta["cpu"] == cpu_name() and meta["cpu"]
+    assert meta["cpu"] == cpu_name() and meta["cpu"] and meta["mkl_path"] == mkl_path.describe()
     again = run("train", "--arch", "lstm", "--data", "rows", "--sigma-train", "0.5", "--store", store, *TINY)
     assert again.exit_code == 0 and "already trained" in again.output
 

@@ -4,6 +4,7 @@ import pytest
 
 from dni.evaluate import summarize
 from dni.executors import LocalExecutor
+from dni import mkl_path
 from dni.figdata import accuracy_curves, comparison_rows, reference_accuracy, state_densities, stroke_length_table, weight_tables
 from dni.paper import FIGURES, Preset, comparison_markdown, draw_figure, reproduce
 from dni.spec import EvalSpec
@@ -103,6 +104,7 @@ def test_reproduce_some_cases_skips_the_figures_of_the_others(tmp_path, fixture_
     # the wall time of a reproduction run in sittings is their sum, each recorded
     prov = out["provenance"]
     assert prov["cpu"] == cpu_name() and prov["sittings_cpus"] == [cpu_name()]
+    assert prov["mkl_path"] == mkl_path.describe() == prov["sittings_detail"][0]["mkl_path"]
     assert prov["sittings"] == 2 and [s["finished"] for s in prov["sittings_detail"]] == [True, True]
     assert list(prov["sittings_detail"][0]["stages_seconds"]) == ["sweep rnn rows", "figures"]
     assert prov["all_sittings_seconds"] == pytest.approx(sum(s["seconds"] for s in prov["sittings_detail"]))

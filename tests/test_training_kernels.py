@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import dni.train
-from dni import kernels
+from dni import kernels, mkl_path
 from dni.errors import SpecError
 from dni.models import build_model
 from dni.noise import AdditiveGaussian, ArsGenerator, PhiloxGenerator, make_generator
@@ -211,7 +211,9 @@ def test_noise_and_step_bits_are_pinned(lib, rng):
 # kernels, and with them the order of its sums, by CPU vendor: its AVX-512 path on Intel
 # CPUs, another on AMD's. So their pinned bits are per vendor: recorded on Intel AVX-512
 # CPUs (with and without AMX: the same bits; the stored results were computed there) and
-# on AMD Zen 4 (EPYC, family 25). The noise and the step kernels (above) have the same bits
+# on AMD Zen 4 (EPYC, family 25; Zen 5, family 26, gives the same) running MKL's AMD path.
+# With MKL's Intel path (dni.mkl_path, which the dni command takes on AMD CPUs with
+# AVX-512) they give the Intel bits. The noise and the step kernels (above) have the same bits
 # on both. Per vendor: (LSTM, RNN) noisy logits; training outputs and gradients at 1 thread
 # (LSTM rows, LSTM strokes, RNN), then at 2.
 PINNED_LOGITS = {"GenuineIntel": ["117b33c9a5fd5949", "f98878634507c4b7"],
@@ -225,7 +227,9 @@ PINNED_TRAINING = {
 
 
 def _pinned(table: dict[str, list[str]]) -> list[str]:
-    vendor = dni.train.cpu_name().split(" ", 1)[0]  # e.g. GenuineIntel, AuthenticAMD
+    # MKL's kernels follow its vendor check: with dni.mkl_path's library preloaded, AMD CPUs
+    # run its Intel kernels and give the Intel bits (tests/test_mkl_path.py runs these so).
+    vendor = "GenuineIntel" if mkl_path.preloaded() else dni.train.cpu_name().split(" ", 1)[0]
     if vendor not in table:
         pytest.skip(f"no pinned bits recorded for the BLAS's products on {vendor} CPUs")
     return table[vendor]
