@@ -459,6 +459,7 @@ def reproduce_cli(
     slurm_config: Annotated[Optional[Path], typer.Option("--slurm-config", help="JSON file of extra submitit slurm_* parameters.")] = None,
     cases: Annotated[Optional[str], typer.Option("--cases", help="Only these cases, e.g. lstm-rows,rnn-rows (default: all three).")] = None,
     train_rng: TrainRngOpt = "torch",
+    rng: RngOpt = "philox",
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "auto",
 ):
@@ -471,6 +472,7 @@ def reproduce_cli(
         if preset not in PRESETS:
             raise SpecError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         p = dataclasses.replace(PRESETS[preset], train_rng=train_rng)
+        p = dataclasses.replace(p, eval=dataclasses.replace(p.eval, rng=rng))
         st = Store(store or results / "store")
         ex = make_executor(executor, jobs, threads, device, data_dir, partition, time_min, gpus, cpus, mem_gb, slurm_config, stack)
         out.print(f"preset {p.name}: {p.description}")

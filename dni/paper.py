@@ -236,13 +236,13 @@ def reproduce(
     from dni.train import cpu_name, git_commit
 
     results.mkdir(parents=True, exist_ok=True)
-    info = {"preset": preset.name, "train_rng": preset.train_rng, "cases": [f"{a}-{d}" for a, d in cases],
+    info = {"preset": preset.name, "train_rng": preset.train_rng, "rng": preset.eval.rng, "cases": [f"{a}-{d}" for a, d in cases],
             "dni_version": dni.__version__, "git_commit": git_commit(), "cpu": cpu_name(),
             "mkl_path": mkl_path.describe(), "executor": executor.describe()}
     with Sitting(results, info) as sitting:
         figures = _reproduce_stages(preset, store, results, figures_dir, executor, data_dir, device, reporter, cases, sitting)
     provenance = {
-        **{k: info[k] for k in ("preset", "train_rng", "cases")},
+        **{k: info[k] for k in ("preset", "train_rng", "rng", "cases")},
         "description": preset.description,
         **{k: info[k] for k in ("dni_version", "git_commit")},
         "torch_version": torch.__version__,
@@ -254,7 +254,9 @@ def reproduce(
         "this_run_seconds": sitting.seconds,
         "stages_seconds": sitting.record["stages_seconds"],
         "training_seconds_total": _training_seconds(store, preset),
-        **summary(read_sittings(results, preset=preset.name, train_rng=preset.train_rng)),
+        # Sittings of this protocol only (records from before the evaluation's stream was kept drew from philox).
+        **summary([r for r in read_sittings(results, preset=preset.name, train_rng=preset.train_rng)
+                   if r.get("rng", "philox") == preset.eval.rng]),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (results / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")

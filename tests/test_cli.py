@@ -158,3 +158,8 @@ def test_train_rng_philox_is_its_own_model_and_sweeps_pass_it_on(tmp_path, fixtu
               "--limit-test", "50", "--train-rng", "philox", "--store", store, "--jobs", "1", *TINY)
     assert res.exit_code == 0, res.output
     assert sorted(Store(store).model_ids()) == sorted(ids)  # the sweep found the philox-trained model
+
+
+def test_reproduce_takes_the_evaluations_noise_stream(tmp_path):
+    res = run("reproduce", "--preset", "smoke", "--rng", "mt19937", "--results", tmp_path / "r", "--figures", tmp_path / "f")
+    assert res.exit_code != 0 and "mt19937" in res.output and not (tmp_path / "r").exists()

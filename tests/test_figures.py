@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -111,3 +113,14 @@ def test_reproduce_some_cases_skips_the_figures_of_the_others(tmp_path, fixture_
     assert prov["all_sittings_seconds"] > prov["this_run_seconds"] > 0
     power = pd.read_csv(results / "weight-power.csv")
     assert set(power["arch"] + "-" + power["data"]) == {"rnn-rows", "lstm-rows"}
+    # the same protocol evaluated with the ARS stream: the same models, other noise draws; its
+    # provenance counts its own sitting only
+    philox = pd.read_csv(results / "rnn-rows.csv")
+    ars = dataclasses.replace(preset, eval=dataclasses.replace(preset.eval, rng="ars"))
+    prov = reproduce(ars, Store(tmp_path / "store"), results, figures, LocalExecutor(jobs=1), cases=(("rnn", "rows"),))["provenance"]
+    assert prov["rng"] == "ars" and prov["sittings"] == 1 and prov["all_sittings_seconds"] == pytest.approx(prov["this_run_seconds"], rel=0.1)
+    other = pd.read_csv(results / "rnn-rows.csv")
+    assert list(other["model_id"]) == list(philox["model_id"])
+    noisy = other["sigma_val"] > 0
+    assert (other.loc[~noisy, "correct"].values == philox.loc[~noisy, "correct"].values).all()
+    assert (other.loc[noisy, "correct"].values != philox.loc[noisy, "correct"].values).any()
