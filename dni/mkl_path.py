@@ -108,12 +108,24 @@ def library() -> Path | None:
 
 
 def preloaded() -> bool:
-    """Whether this process runs with the library loaded (MKL then takes its Intel path)."""
+    """Whether MKL's vendor check is answered by the library in this process: the process's
+    global symbol lookup, which MKL's calls go through, finds the library's definition. (A
+    library merely loaded with ``dlopen`` comes after torch's, and does not count.)"""
+    import ctypes
+
+    ranges = []
     try:
         with open("/proc/self/maps") as fh:
-            return any(line.rstrip().endswith(LIBRARY) for line in fh)
-    except OSError:
+            for line in fh:
+                if line.rstrip().endswith(LIBRARY):
+                    low, high = line.split()[0].split("-")
+                    ranges.append((int(low, 16), int(high, 16)))
+        if not ranges:
+            return False
+        address = ctypes.cast(ctypes.CDLL(None).mkl_serv_intel_cpu_true, ctypes.c_void_p).value or 0
+    except (OSError, AttributeError, ValueError):
         return False
+    return any(low <= address < high for low, high in ranges)
 
 
 def describe() -> str:

@@ -49,6 +49,8 @@ def test_the_library_answers_mkls_vendor_check(tmp_path, monkeypatch):
     assert lib is not None and lib.is_relative_to(tmp_path) and lib.name == mkl_path.LIBRARY
     assert ctypes.CDLL(str(lib)).mkl_serv_intel_cpu_true() == 1
     assert mkl_path.library() == lib  # cached
+    # loaded after torch, it answers nothing: this process still runs MKL's own path
+    assert not mkl_path.preloaded() and mkl_path.describe() == "native"
 
 
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:
