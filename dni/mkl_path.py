@@ -30,6 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dni.cpuinfo import first_processor
 from dni.paths import cache_dir
 
 SETTINGS = ("auto", "intel", "native")
@@ -48,20 +49,8 @@ def setting(env: dict | None = None) -> str:
 
 def cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, set[str]]:
     """Vendor and flags of the first processor in /proc/cpuinfo ('', set() where unreadable)."""
-    vendor, flags = "", set()
-    try:
-        with open(cpuinfo) as fh:
-            for line in fh:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                if key.strip() == "vendor_id":
-                    vendor = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return vendor, flags
+    fields = first_processor(cpuinfo)
+    return fields.get("vendor_id", ""), set(fields.get("flags", "").split())
 
 
 def wanted(cpuinfo: str | Path = "/proc/cpuinfo", env: dict | None = None) -> bool:

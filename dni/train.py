@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 import dni
+from dni import mkl_path
+from dni.cpuinfo import first_processor
 from dni.data import Dataset, load_dataset
 from dni.errors import DivergenceError, SpecError
-from dni import mkl_path
 from dni.memory import keep_freed_memory
 from dni.models import NoisyRecurrent, build_model
 from dni.noise import Generator, NoiseModel, make_noise
@@ -104,16 +105,7 @@ def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     'AuthenticAMD AMD EPYC (family 25, model 17)'; else what :mod:`platform` knows. Bits
     can depend on it: the BLAS picks its kernels, and with them the order of its sums, by
     CPU (see the README's determinism notes)."""
-    fields: dict[str, str] = {}
-    try:
-        with open(cpuinfo) as fh:
-            for line in fh:
-                if not line.strip():
-                    break  # the first processor is enough
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    fields = first_processor(cpuinfo)
     name = " ".join(v for v in (fields.get("vendor_id"), fields.get("model name")) if v)
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']}, model {fields['model']})"

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dni import mkl_path
 from dni.evaluate import summarize
 from dni.executors import LocalExecutor
-from dni import mkl_path
 from dni.figdata import accuracy_curves, comparison_rows, reference_accuracy, state_densities, stroke_length_table, weight_tables
 from dni.paper import FIGURES, Preset, comparison_markdown, draw_figure, reproduce
 from dni.spec import EvalSpec
