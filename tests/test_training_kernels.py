@@ -166,13 +166,18 @@ def test_training_with_dni_noise_is_reproducible_and_matches_the_generic_path(li
     assert first.history[0]["val_accuracy"] == pytest.approx(generic.history[0]["val_accuracy"], abs=0.05)
 
 
-def _has_avx512():
+def _has_fma():
+    # The kernels are built with -march=native, so gcc contracts a * b + c into one rounding
+    # where the CPU has FMA: the pinned bits need it (AVX2 and AVX-512 CPUs give the same).
     try:
         with open("/proc/cpuinfo") as fh:
             flags = fh.read()
     except OSError:
         return False
-    return " avx512f " in flags and " fma " in flags
+    return " avx2 " in flags and " fma " in flags
+
+
+needs_fma = pytest.mark.skipif(not _has_fma(), reason="pinned bits were recorded on x86 CPUs with FMA (contraction)")
 
 
 PINNED_STREAMS = {  # stream: (digest of 400,003 samples, digest of an LSTM and an RNN step's states)
@@ -183,7 +188,7 @@ PINNED_STREAMS = {  # stream: (digest of 400,003 samples, digest of an LSTM and 
 }
 
 
-@pytest.mark.skipif(not _has_avx512(), reason="pinned bits were recorded on an AVX-512 CPU (FMA contraction)")
+@needs_fma
 @pytest.mark.parametrize("rng", list(PINNED_STREAMS))
 def test_noise_and_step_bits_are_pinned(lib, rng):
     """The stored evaluation results were computed with Philox's bits: any change to the
@@ -211,31 +216,42 @@ def test_noise_and_step_bits_are_pinned(lib, rng):
 # kernels, and with them the order of its sums, by CPU vendor: its AVX-512 path on Intel
 # CPUs, another on AMD's. So their pinned bits are per vendor: recorded on Intel AVX-512
 # CPUs (with and without AMX: the same bits; the stored results were computed there) and
-# on AMD Zen 4 (EPYC, family 25; Zen 5, family 26, gives the same) running MKL's AMD path.
-# With MKL's Intel path (dni.mkl_path, which the dni command takes on AMD CPUs with
-# AVX-512) they give the Intel bits. The noise and the step kernels (above) have the same bits
-# on both. Per vendor: (LSTM, RNN) noisy logits; training outputs and gradients at 1 thread
-# (LSTM rows, LSTM strokes, RNN), then at 2.
-PINNED_LOGITS = {"GenuineIntel": ["117b33c9a5fd5949", "f98878634507c4b7"],
-                 "AuthenticAMD": ["1367d6356708a28b", "6bac83c001ada566"]}
+# on AMD Zen 4 (EPYC, family 25; Zen 5, family 26, and Zen 3, family 25 model 1 with AVX2
+# only, give the same logits) running MKL's AMD path. With MKL's Intel path (dni.mkl_path,
+# which the dni command takes on AMD CPUs with AVX-512) they give the Intel bits. The noise
+# and the step kernels (above) have the same bits on all of them. Per vendor: (LSTM, RNN)
+# noisy logits. MKL's Intel kernels are per instruction set, so on an AVX2 CPU they give other
+# bits again; and the training outputs and gradients also go through torch's own CPU kernels,
+# which torch picks by instruction set (torch.backends.cpu.get_cpu_capability()): on Zen 3
+# (AVX2) they differ from Zen 4's (AVX512). So the bits are pinned per (vendor that MKL
+# sees, torch's capability). Training: at 1 thread (LSTM rows, LSTM strokes, RNN), then at 2.
+_AMD_LOGITS = ["1367d6356708a28b", "6bac83c001ada566"]
+PINNED_LOGITS = {("GenuineIntel", "AVX512"): ["117b33c9a5fd5949", "f98878634507c4b7"],
+                 ("AuthenticAMD", "AVX512"): _AMD_LOGITS, ("AuthenticAMD", "AVX2"): _AMD_LOGITS}
 PINNED_TRAINING = {
-    "GenuineIntel": ["e9e5a7c27a595ac4", "2c5a452181ea5282", "8e39ebd3c49de62e",
-                     "69f14ef18b69fa4d", "34a59391ecfdfcbb", "d88efbd7dfd65504"],
-    "AuthenticAMD": ["cf9da29014ca4354", "b9f80865ac8c7d6c", "470d61cedc1c407b",
-                     "1fd910033fb3a047", "e18c947a710ddaa8", "4e0151bf43610134"],
+    ("GenuineIntel", "AVX512"): ["e9e5a7c27a595ac4", "2c5a452181ea5282", "8e39ebd3c49de62e",
+                                 "69f14ef18b69fa4d", "34a59391ecfdfcbb", "d88efbd7dfd65504"],
+    ("AuthenticAMD", "AVX512"): ["cf9da29014ca4354", "b9f80865ac8c7d6c", "470d61cedc1c407b",
+                                 "1fd910033fb3a047", "e18c947a710ddaa8", "4e0151bf43610134"],
+    ("AuthenticAMD", "AVX2"): ["d3d95c9902cc0678", "9711aece3f19a89d", "5896f8c36451e4cc",
+                               "7342fb6134c9064a", "77d38e09c42fb655", "4d79e25bc73678ce"],
 }
 
 
-def _pinned(table: dict[str, list[str]]) -> list[str]:
+def _kernels() -> tuple[str, str]:
     # MKL's kernels follow its vendor check: with dni.mkl_path's library preloaded, AMD CPUs
     # run its Intel kernels and give the Intel bits (tests/test_mkl_path.py runs these so).
     vendor = "GenuineIntel" if mkl_path.preloaded() else dni.train.cpu_name().split(" ", 1)[0]
-    if vendor not in table:
-        pytest.skip(f"no pinned bits recorded for the BLAS's products on {vendor} CPUs")
-    return table[vendor]
+    return vendor, torch.backends.cpu.get_cpu_capability()
 
 
-@pytest.mark.skipif(not _has_avx512(), reason="pinned bits were recorded on an AVX-512 CPU (FMA contraction)")
+def _pinned(table: dict, key) -> list[str]:
+    if key not in table:
+        pytest.skip(f"no pinned bits recorded for {key}")
+    return table[key]
+
+
+@needs_fma
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_inference_logits_are_pinned(lib, loop_mode, threads):
     """Noisy logits of the compiled inference path, as the stored results were computed
@@ -253,10 +269,10 @@ def test_fused_inference_logits_are_pinned(lib, loop_mode, threads):
             digests.append(hashlib.sha256(y.numpy().tobytes()).hexdigest()[:16])
     finally:
         torch.set_num_threads(before)
-    assert digests == _pinned(PINNED_LOGITS)
+    assert digests == _pinned(PINNED_LOGITS, _kernels())
 
 
-@pytest.mark.skipif(not _has_avx512(), reason="pinned bits were recorded on an AVX-512 CPU (FMA contraction)")
+@needs_fma
 def test_training_outputs_and_gradients_are_pinned(lib, loop_mode):
     """Outputs and gradients of the compiled training path (two forwards, one backward), at
     one and two threads, for the three cases: the stored models trained with
@@ -278,7 +294,7 @@ def test_training_outputs_and_gradients_are_pinned(lib, loop_mode):
                 digests.append(hashlib.sha256(blob).hexdigest()[:16])
     finally:
         torch.set_num_threads(before)
-    pinned = _pinned(PINNED_TRAINING)
+    pinned = _pinned(PINNED_TRAINING, _kernels())
     if loop_mode == "python":  # its RNN backward is torch ops (1 - h*h rounded twice): other bits, same maths
         digests, pinned = digests[0:2] + digests[3:5], pinned[0:2] + pinned[3:5]
     assert digests == pinned
