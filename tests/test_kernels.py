@@ -151,6 +151,57 @@ def test_same_seed_same_samples_however_the_stream_is_cut(gen_cls):
     np.testing.assert_array_equal(np.concatenate(parts), whole.astype(np.float32))
 
 
+# Code paths of the kernels by instruction set, each compiled here with the machine's others
+# switched off (FMA kept: the Box-Muller and gate maths contract a * b + c where the CPU has
+# it). AVX-512 machines take their own paths; these are the ones AVX2 CPUs take.
+_ISA_VARIANTS = {
+    "avx2": ["-mno-avx512f"],  # Philox in AVX2 vectors; ARS with VAES on 256-bit vectors where the CPU has VAES
+    "aes-ni": ["-mno-avx512f", "-mno-vaes"],  # ARS one block an AES-NI instruction
+    "portable": ["-mno-avx512f", "-mno-avx2"],  # Philox as gcc vectorises the portable loop
+}
+
+
+def _has_flags(*flags):
+    try:
+        with open("/proc/cpuinfo") as fh:
+            have = set(next(ln for ln in fh if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return False
+    return all(f in have for f in flags)
+
+
+@pytest.mark.skipif(not _has_flags("avx2", "fma"), reason="the variants switch instruction sets off an x86 CPU with AVX2 and FMA")
+@pytest.mark.parametrize("variant", list(_ISA_VARIANTS))
+def test_every_instruction_set_path_draws_the_same_bits(lib, variant):
+    """The vector paths (AVX-512, AVX2, VAES, AES-NI, the portable loop) draw the same
+    streams and take the same fused steps, bit for bit: the CPU a result was computed on
+    does not change its noise."""
+    try:
+        other = kernels._compile_with([*kernels._FLAGS, "-fopenmp-simd", *_ISA_VARIANTS[variant]])
+    except OSError as exc:
+        pytest.skip(f"cannot build the {variant} variant here: {exc}")
+    assert other.ars == lib.ars
+    for stream in [kernels.STREAMS["philox"]] + ([kernels.STREAMS["ars"]] if lib.ars else []):
+        for n, counter in ((100_003, 2**32 - 7), (4 * 256 * 3 + 28, 5), (9, 2**40 + 3)):  # tails of chunks and vectors
+            a, b = torch.empty(n), torch.full((n,), 0.25)
+            lib.dni_normal(a.data_ptr(), n, 99, stream, counter, 0.7, 0)
+            other.dni_normal(b.data_ptr(), n, 99, stream, counter, 0.7, 1)  # add to 0.25
+            assert torch.equal(a + 0.25, b), (stream, n)
+            other.dni_normal(b.data_ptr(), n, 99, stream, counter, 0.7, 0)
+            assert torch.equal(a, b), (stream, n)
+        gen = torch.Generator().manual_seed(3)
+        batch, hidden = 37, 130
+        pre = (torch.rand(batch, 4 * hidden, generator=gen) - 0.5) * 8
+        c0 = torch.rand(batch, hidden, generator=gen) - 0.5
+        outs = []
+        for library in (lib, other):
+            c, h, h_rnn = c0.clone(), torch.empty(batch, hidden), torch.empty(batch, 4 * hidden)
+            library.dni_lstm_step(pre.data_ptr(), None, c.data_ptr(), h.data_ptr(), batch, hidden, 5, stream, 2**32 - 3, 0.7)
+            library.dni_rnn_step(pre.data_ptr(), None, h_rnn.data_ptr(), batch, 4 * hidden, 5, stream, 2**32 - 3, 0.7)
+            outs.append((c, h, h_rnn))
+        assert all(torch.equal(x, y) for x, y in zip(*outs))
+
+
 def _worker_stream(args):
     seed, cls = args
     return _stream(seed, 1000, cls=cls).tolist()
