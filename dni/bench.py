@@ -294,7 +294,7 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
     keep_freed_memory()  # as dni train does; it helps fused torch as much (one process)
     result: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "kernels": kernels.available(),
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "cpu": cpu_name(),
-                    "mkl_path": mkl_path.describe()}
+                    "mkl_path": mkl_path.describe(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     n = 2048 if quick else 4096
     peak = gemm_peak(n, device=device)
     result["gemm_peak_gflops"] = peak
@@ -302,7 +302,8 @@ def run(threads: int | None = None, quick: bool = False, with_workers: bool = Tr
     result["gemm_peak_bf16_gflops"] = gemm_peak(n, torch.bfloat16, device) if fast_bf16 else None
     bf16_peak = f"{result['gemm_peak_bf16_gflops']:.0f} GFLOP/s" if fast_bf16 else "n/a (no bf16 GEMM in the BLAS)"
     log(f"on {result['device']} ({result['cpu']}): fp32 GEMM peak (F.linear): {peak:.0f} GFLOP/s with {torch.get_num_threads()} thread(s); "
-        f"compiled kernels: {kernels.available()}; bf16 GEMM peak: {bf16_peak}; MKL's code path: {result['mkl_path']}")
+        f"compiled kernels: {kernels.available()}; bf16 GEMM peak: {bf16_peak}; MKL's code path: {result['mkl_path']}; "
+        f"torch's CPU kernels: {result['cpu_capability']}")
     if device.type == "cpu":
         loop = result["loop_gemm_gflops"] = loop_products()
         if loop["fp32"] is not None:

@@ -238,7 +238,8 @@ def reproduce(
     results.mkdir(parents=True, exist_ok=True)
     info = {"preset": preset.name, "train_rng": preset.train_rng, "rng": preset.eval.rng, "cases": [f"{a}-{d}" for a, d in cases],
             "dni_version": dni.__version__, "git_commit": git_commit(), "cpu": cpu_name(),
-            "mkl_path": mkl_path.describe(), "executor": executor.describe()}
+            "mkl_path": mkl_path.describe(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "executor": executor.describe()}
     with Sitting(results, info) as sitting:
         figures = _reproduce_stages(preset, store, results, figures_dir, executor, data_dir, device, reporter, cases, sitting)
     provenance = {
@@ -250,6 +251,7 @@ def reproduce(
         "processor": platform.processor() or platform.machine(),
         "cpu": info["cpu"],
         "mkl_path": info["mkl_path"],
+        "cpu_capability": info["cpu_capability"],
         "executor": info["executor"],
         "this_run_seconds": sitting.seconds,
         "stages_seconds": sitting.record["stages_seconds"],

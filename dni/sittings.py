@@ -106,7 +106,8 @@ def summary(records: list[dict]) -> dict:
         "all_sittings_seconds": sum(float(r.get("seconds", 0.0)) for r in records),
         "sittings_cpus": list(dict.fromkeys(r.get("cpu") for r in records)),
         "sittings_detail": [
-            {k: r.get(k) for k in ("started", "seconds", "finished", "git_commit", "cpu", "mkl_path", "executor", "stages_seconds")}
+            {k: r.get(k) for k in ("started", "seconds", "finished", "git_commit", "cpu", "mkl_path", "cpu_capability", "executor",
+                                "stages_seconds")}
             for r in records
         ],
     }

@@ -93,6 +93,9 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "cpu": cpu_name(),
         # MKL's kernels, and with them the products' bits, follow its code path (dni.mkl_path).
         "mkl_path": mkl_path.describe(),
+        # torch's own CPU kernels are chosen by instruction set (AVX2, AVX512, ...): training's
+        # bits differ between them (tests/test_training_kernels.py pins both).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         # Results are bit-identical only for the same thread count (BLAS reduction order).
         "torch_threads": torch.get_num_threads(),

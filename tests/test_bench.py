@@ -61,7 +61,9 @@ def test_summary_holds_every_goal_ratio(monkeypatch, fast_bf16):
         assert 0 < r["dni"] and 0 < t["dni_autograd"]
         assert t["stacked_vs_autograd"] == pytest.approx(t["stacked"] / t["dni_autograd"]) and t["stacked"] > 0
     assert result["threads"] == 1 and result["cpu"] == cpu_name() and f"({cpu_name()})" in lines[0]
-    assert result["mkl_path"] == mkl_path.describe() and lines[0].endswith(f"MKL's code path: {result['mkl_path']}")
+    assert result["mkl_path"] == mkl_path.describe() and lines[0].endswith(
+        f"MKL's code path: {result['mkl_path']}; torch's CPU kernels: {result['cpu_capability']}")
+    assert result["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     loop = result["loop_gemm_gflops"]  # the compiled loop's own products, fp32 and (where the BLAS has it) bf16
     assert loop["fp32"] > 0 and (loop["bf16"] is None) == (not fast_bf16)
     assert any(line.startswith("the compiled loop's products") for line in lines)

@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from dni import mkl_path
@@ -56,6 +57,7 @@ def test_train_evaluate_list_export(trained, tmp_path):
     for key in ("dni_version", "torch_version", "history", "wall_time_s", "test_accuracy_clean", "git_commit", "cpu"):
         assert key in meta
     assert meta["cpu"] == cpu_name() and meta["cpu"] and meta["mkl_path"] == mkl_path.describe()
+    assert meta["cpu_capability"] == torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "DEFAULT", "SVE256", "VSX", "ZVECTOR")
     again = run("train", "--arch", "lstm", "--data", "rows", "--sigma-train", "0.5", "--store", store, *TINY)
     assert again.exit_code == 0 and "already trained" in again.output
 

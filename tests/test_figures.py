@@ -3,6 +3,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from dni import mkl_path
 from dni.evaluate import summarize
@@ -107,6 +108,7 @@ def test_reproduce_some_cases_skips_the_figures_of_the_others(tmp_path, fixture_
     prov = out["provenance"]
     assert prov["cpu"] == cpu_name() and prov["sittings_cpus"] == [cpu_name()]
     assert prov["mkl_path"] == mkl_path.describe() == prov["sittings_detail"][0]["mkl_path"]
+    assert prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability() == prov["sittings_detail"][0]["cpu_capability"]
     assert prov["sittings"] == 2 and [s["finished"] for s in prov["sittings_detail"]] == [True, True]
     assert list(prov["sittings_detail"][0]["stages_seconds"]) == ["sweep rnn rows", "figures"]
     assert prov["all_sittings_seconds"] == pytest.approx(sum(s["seconds"] for s in prov["sittings_detail"]))
