@@ -260,8 +260,9 @@ static inline void philox_normal_blocks(float *restrict z, int m, uint64_t key, 
  * On x86 with AES instructions one instruction runs a round of four blocks (VAES on
  * AVX-512), of two (VAES on AVX2: 2.6x AES-NI's words on a Zen 3) or of one (AES-NI):
  * ~5x faster than Philox's multiplies, and with no interleaving of the pairs the whole
- * stream is ~1.7x faster (1.6x on a Zen 3, 0.89 against 0.56 G samples/s on one core). Without AES instructions the library has no
- * ARS (dni_has_ars() == 0) and dni draws the stream with torch ops (dni/kernels.py). */
+ * stream is ~1.7x faster (1.6x on a Zen 3, 0.89 against 0.56 G samples/s on one core).
+ * Without AES instructions the library has no ARS (dni_has_ars() == 0) and dni draws the
+ * stream with torch ops (dni/kernels.py). */
 #define STREAM_PHILOX 0
 #define STREAM_ARS 1
 #define ARS_ROUNDS 7
