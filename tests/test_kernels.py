@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from dni import kernels
+from dni import kernels, mkl_path
 from dni.models import build_model
 from dni.noise import AdditiveGaussian, ArsGenerator, PhiloxGenerator
 
@@ -161,16 +161,7 @@ _ISA_VARIANTS = {
 }
 
 
-def _has_flags(*flags):
-    try:
-        with open("/proc/cpuinfo") as fh:
-            have = set(next(ln for ln in fh if ln.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return False
-    return all(f in have for f in flags)
-
-
-@pytest.mark.skipif(not _has_flags("avx2", "fma"), reason="the variants switch instruction sets off an x86 CPU with AVX2 and FMA")
+@pytest.mark.skipif(not {"avx2", "fma"} <= mkl_path.cpu()[1], reason="the variants switch instruction sets off an x86 CPU with AVX2 and FMA")
 @pytest.mark.parametrize("variant", list(_ISA_VARIANTS))
 def test_every_instruction_set_path_draws_the_same_bits(lib, variant):
     """The vector paths (AVX-512, AVX2, VAES, AES-NI, the portable loop) draw the same

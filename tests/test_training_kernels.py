@@ -166,18 +166,9 @@ def test_training_with_dni_noise_is_reproducible_and_matches_the_generic_path(li
     assert first.history[0]["val_accuracy"] == pytest.approx(generic.history[0]["val_accuracy"], abs=0.05)
 
 
-def _has_fma():
-    # The kernels are built with -march=native, so gcc contracts a * b + c into one rounding
-    # where the CPU has FMA: the pinned bits need it (AVX2 and AVX-512 CPUs give the same).
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return " avx2 " in flags and " fma " in flags
-
-
-needs_fma = pytest.mark.skipif(not _has_fma(), reason="pinned bits were recorded on x86 CPUs with FMA (contraction)")
+# The kernels are built with -march=native, so gcc contracts a * b + c into one rounding
+# where the CPU has FMA: the pinned bits need it (AVX2 and AVX-512 CPUs give the same).
+needs_fma = pytest.mark.skipif(not {"avx2", "fma"} <= mkl_path.cpu()[1], reason="pinned bits were recorded on x86 CPUs with FMA (contraction)")
 
 
 PINNED_STREAMS = {  # stream: (digest of 400,003 samples, digest of an LSTM and an RNN step's states)
